@@ -1,0 +1,205 @@
+"""Typed TOML configuration, validated at load.
+
+Unknown keys and out-of-range values are errors that name their key path, so an installer
+can fix a file in the field from `edgenode config check` alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgenode.codes import TokenPattern
+
+Action = Literal["admit", "review", "deny"]
+Language = Literal["zh_CN", "en"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = Field(
+        description="Device id, unique in the district."
+    )
+    site: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[\x21-\x7e]+$")] = Field(
+        description="Compound id; community codes for other compounds are not admitted."
+    )
+    station: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        default="gate", description="Name of this gate's scanning station."
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/edgenode"),
+        description="Folder for the cache and journal databases. Relative paths are resolved "
+        "against the config file's folder.",
+    )
+
+
+class TrustConfig(_Strict):
+    district_keys: list[str] = Field(
+        default_factory=list,
+        description="Base64 Ed25519 public keys that may sign cache snapshots.",
+    )
+
+    @field_validator("district_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            try:
+                raw = base64.b64decode(key, validate=True)
+            except binascii.Error as exc:
+                raise ValueError(f"not valid base64: {key!r}") from exc
+            if len(raw) != 32:
+                raise ValueError(f"an Ed25519 public key has 32 bytes, this one has {len(raw)}")
+        return keys
+
+    def district_key_bytes(self) -> list[bytes]:
+        return [base64.b64decode(key) for key in self.district_keys]
+
+
+class DecoderConfig(_Strict):
+    backend: Literal["zxing", "pyzbar"] = Field(
+        default="zxing", description="QR decoder backend."
+    )
+
+
+class PairingConfig(_Strict):
+    pair_window_ms: Annotated[int, Field(ge=500, le=120_000)] = Field(
+        default=8_000,
+        description="How long a lone code waits for its partner before the pair is incomplete.",
+    )
+    debounce_ms: Annotated[int, Field(ge=0, le=60_000)] = Field(
+        default=2_000,
+        description="The same code seen again at a station within this time counts once.",
+    )
+
+
+class TokenPatternConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    regex: str = Field(description="Python regular expression with a named group 'token'.")
+
+    @field_validator("regex")
+    @classmethod
+    def _check_regex(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+        if "token" not in compiled.groupindex:
+            raise ValueError("the expression needs a named group: (?P<token>...)")
+        return value
+
+
+class PolicyConfig(_Strict):
+    stale_after_s: Annotated[int, Field(ge=60, le=30 * 86_400)] = Field(
+        default=86_400, description="Cache age after which verdicts are review, never admit."
+    )
+    dynamic_max_age_s: Annotated[int, Field(ge=10, le=3_600)] = Field(
+        default=180,
+        description="A dynamic code older than this is taken for a screenshot.",
+    )
+    replay_window_s: Annotated[int, Field(ge=0, le=86_400)] = Field(
+        default=120, description="The same code used again at this gate within this time."
+    )
+    future_tolerance_s: Annotated[int, Field(ge=0, le=3_600)] = Field(
+        default=300, description="How far in the future a code's issue time may lie."
+    )
+    yellow: Action = Field(default="review", description="Verdict for a yellow health status.")
+    health_unknown: Action = Field(
+        default="review", description="Verdict when no health status is known."
+    )
+    visitor: Action = Field(default="review", description="Verdict for the visitor role.")
+    staff: Action = Field(default="admit", description="Verdict for the staff role.")
+    delivery: Action = Field(default="review", description="Verdict for the delivery role.")
+    token_patterns: list[TokenPatternConfig] = Field(
+        default_factory=list,
+        description="Patterns that recognise city-platform health-code tokens.",
+    )
+
+    @field_validator("yellow", "health_unknown")
+    @classmethod
+    def _never_admit(cls, value: Action) -> Action:
+        if value == "admit":
+            raise ValueError("must be 'review' or 'deny': admitting without a green status is unsafe")
+        return value
+
+    def compiled_token_patterns(self) -> tuple[TokenPattern, ...]:
+        return tuple(TokenPattern(p.name, re.compile(p.regex)) for p in self.token_patterns)
+
+
+class DisplayConfig(_Strict):
+    language: Language = Field(default="zh_CN", description="Language of the guard's messages.")
+
+
+class Config(_Strict):
+    device: DeviceConfig
+    trust: TrustConfig = Field(default_factory=TrustConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    display: DisplayConfig = Field(default_factory=DisplayConfig)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.device.state_dir / "cache.db"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.device.state_dir / "journal.db"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file, at a dotted key path such as ``policy.stale_after_s``."""
+
+    key_path: str
+    message: str
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. ``issues`` lists every problem found."""
+
+    def __init__(self, path: Path, issues: list[ConfigIssue]) -> None:
+        self.path = path
+        self.issues = issues
+        lines = "; ".join(f"{issue.key_path}: {issue.message}" for issue in issues)
+        super().__init__(f"invalid config {path}: {lines}")
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError listing every problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, [ConfigIssue("(file)", f"cannot read: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [ConfigIssue("(file)", "not UTF-8 text")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [ConfigIssue("(file)", f"invalid TOML: {exc}")]) from exc
+    config = parse_config(data, path)
+    state_dir = config.device.state_dir
+    if not state_dir.is_absolute():
+        device = config.device.model_copy(update={"state_dir": path.parent / state_dir})
+        config = config.model_copy(update={"device": device})
+    return config
+
+
+def parse_config(data: dict[str, object], path: Path = Path("<config>")) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        issues = [
+            ConfigIssue(".".join(str(part) for part in error["loc"]) or "(root)", error["msg"])
+            for error in exc.errors()
+        ]
+        raise ConfigError(path, issues) from exc
