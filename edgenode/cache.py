@@ -1,0 +1,397 @@
+"""The local SQLite cache that the policy checks codes against.
+
+A snapshot import builds a complete new database file beside the live one and renames it over
+the live one only after the snapshot's signature, body hash and every record have checked out.
+The rename is atomic, so a scan sees either the old cache or the new one, never half of each,
+and a rejected snapshot leaves the old cache in use. Readers notice the rename by the file's
+inode and reopen.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from edgenode.codes import Colour, Role
+from edgenode.snapshot import DATASETS, SnapshotError, SnapshotHeader, SnapshotReader
+
+SCHEMA_VERSION = 1
+_BATCH = 5_000
+_COLOURS = {colour.name.lower(): colour for colour in Colour}
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerKey:
+    key_id: bytes
+    public_key: bytes
+    code_types: frozenset[str]
+    valid_from: int
+    valid_until: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    colour: Colour
+    as_of: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    subject: bytes
+    compound: str
+    building: str
+    unit: str
+    role: Role
+    valid_from: int
+    valid_until: int
+    display_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    subject: bytes
+    colour: Colour
+    as_of: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetInfo:
+    name: str
+    version: int
+    issued_at: int
+    synced_at: int
+    valid_until: int
+    rows: int
+
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE datasets (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, issued_at INTEGER NOT NULL,
+    synced_at INTEGER NOT NULL, valid_until INTEGER NOT NULL, rows INTEGER NOT NULL);
+CREATE TABLE issuers (
+    key_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, code_types TEXT NOT NULL,
+    valid_from INTEGER NOT NULL, valid_until INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE health_status (
+    subject BLOB PRIMARY KEY, colour INTEGER NOT NULL, as_of INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE residents (
+    subject BLOB PRIMARY KEY, compound TEXT NOT NULL, building TEXT NOT NULL,
+    unit TEXT NOT NULL, role TEXT NOT NULL, valid_from INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL, display_name TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE bindings (
+    health_subject BLOB PRIMARY KEY, resident_subject BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE revocations (
+    code_id BLOB PRIMARY KEY, revoked_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE platform_tokens (
+    token_hash BLOB PRIMARY KEY, subject BLOB NOT NULL, colour INTEGER NOT NULL,
+    as_of INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+class CacheImportError(Exception):
+    """A snapshot was rejected; the cache in use is unchanged. ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+def _hex(record: dict[str, Any], key: str, length: int) -> bytes:
+    value = bytes.fromhex(str(record[key]))
+    if len(value) != length:
+        raise ValueError(f"{key} must be {length} bytes")
+    return value
+
+
+def _colour(record: dict[str, Any]) -> int:
+    return int(_COLOURS[str(record["colour"])])
+
+
+def _row(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Convert one snapshot record into (table, row). Raises KeyError or ValueError."""
+    dataset = str(record["dataset"])
+    if dataset == "issuers":
+        types = sorted(set(record["code_types"]))
+        if not set(types) <= {"health", "community"} or not types:
+            raise ValueError(f"code_types {types}")
+        return dataset, {
+            "key_id": _hex(record, "key_id", 4),
+            "public_key": _hex(record, "public_key", 32),
+            "code_types": ",".join(types),
+            "valid_from": int(record["valid_from"]),
+            "valid_until": int(record["valid_until"]),
+        }
+    if dataset == "health_status":
+        return dataset, {
+            "subject": _hex(record, "subject", 16),
+            "colour": _colour(record),
+            "as_of": int(record["as_of"]),
+        }
+    if dataset == "residents":
+        return dataset, {
+            "subject": _hex(record, "subject", 16),
+            "compound": str(record["compound"]),
+            "building": str(record["building"]),
+            "unit": str(record["unit"]),
+            "role": Role(record["role"]).value,
+            "valid_from": int(record["valid_from"]),
+            "valid_until": int(record["valid_until"]),
+            "display_name": str(record["display_name"]),
+        }
+    if dataset == "bindings":
+        return dataset, {
+            "health_subject": _hex(record, "health_subject", 16),
+            "resident_subject": _hex(record, "resident_subject", 16),
+        }
+    if dataset == "revocations":
+        return dataset, {
+            "code_id": _hex(record, "code_id", 16),
+            "revoked_at": int(record["revoked_at"]),
+        }
+    if dataset == "platform_tokens":
+        return dataset, {
+            "token_hash": _hex(record, "token_hash", 32),
+            "subject": _hex(record, "subject", 16),
+            "colour": _colour(record),
+            "as_of": int(record["as_of"]),
+        }
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def import_snapshot(
+    cache_path: Path,
+    snapshot_path: Path,
+    trusted_keys: Sequence[bytes],
+    *,
+    site: str | None = None,
+    now: float | None = None,
+) -> SnapshotHeader:
+    """Verify a signed snapshot and atomically replace the cache with it.
+
+    Raises CacheImportError (the old cache stays in use) for a bad or unknown signature, a
+    snapshot for another site, an older version than the cache holds, or a bad record.
+    """
+    synced_at = int(time.time() if now is None else now)
+    tmp_path = cache_path.with_name(cache_path.name + ".importing")
+    tmp_path.unlink(missing_ok=True)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with SnapshotReader(snapshot_path, trusted_keys) as reader:
+            header = reader.header
+            _check_header(cache_path, header, site)
+            _build(tmp_path, reader, header, synced_at)
+    except SnapshotError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise CacheImportError(exc.reason, str(exc)) from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync(tmp_path)
+    os.replace(tmp_path, cache_path)
+    _fsync_dir(cache_path.parent)
+    return header
+
+
+def _check_header(cache_path: Path, header: SnapshotHeader, site: str | None) -> None:
+    if site is not None and header.site != site:
+        raise CacheImportError(
+            "wrong_site", f"snapshot is for site {header.site!r}, this device serves {site!r}"
+        )
+    if cache_path.exists():
+        with Cache(cache_path) as current:
+            versions = [info.version for info in current.datasets()]
+        if versions and header.version < max(versions):
+            raise CacheImportError(
+                "older_version",
+                f"snapshot version {header.version} is older than the cache's {max(versions)}",
+            )
+
+
+def _build(path: Path, reader: SnapshotReader, header: SnapshotHeader, synced_at: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.executescript(_SCHEMA)
+        db = sqlite_utils.Database(conn)
+        counts = dict.fromkeys(header.datasets, 0)
+        pending: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
+        for number, record in enumerate(reader.records(), start=1):
+            try:
+                table, row = _row(record)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise CacheImportError(
+                    "bad_record", f"snapshot record {number} is invalid: {exc!r}"
+                ) from exc
+            if table not in counts:
+                raise CacheImportError(
+                    "bad_record", f"record {number} is for {table}, not listed in the header"
+                )
+            counts[table] += 1
+            pending[table].append(row)
+            if len(pending[table]) >= _BATCH:
+                _flush(db, table, pending[table], number)
+        for table, rows in pending.items():
+            _flush(db, table, rows, -1)
+        for name in header.datasets:
+            db.table("datasets").insert(
+                {
+                    "name": name,
+                    "version": header.version,
+                    "issued_at": header.issued_at,
+                    "synced_at": synced_at,
+                    "valid_until": header.valid_until,
+                    "rows": counts[name],
+                }
+            )
+        db.table("meta").insert_all(
+            [
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                {"key": "site", "value": header.site},
+            ]
+        )
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
+
+
+def _flush(db: sqlite_utils.Database, table: str, rows: list[dict[str, Any]], number: int) -> None:
+    if not rows:
+        return
+    try:
+        db.table(table).insert_all(rows, batch_size=_BATCH)
+    except sqlite3.IntegrityError as exc:
+        where = f"near record {number}" if number > 0 else "at the end"
+        raise CacheImportError("bad_record", f"duplicate key in {table} {where}: {exc}") from exc
+    rows.clear()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:
+        pass  # Some file systems do not support fsync on a folder; the rename still happened.
+
+
+class Cache:
+    """Read-only view of the cache file, reopened when an import replaces the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._inode: int | None = None
+        self._datasets: tuple[DatasetInfo, ...] = ()
+
+    def _connection(self) -> sqlite3.Connection | None:
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            self.close()
+            return None
+        if self._conn is None or inode != self._inode:
+            self.close()
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._conn = conn
+            self._inode = inode
+            self._datasets = tuple(
+                DatasetInfo(*row)
+                for row in conn.execute(
+                    "SELECT name, version, issued_at, synced_at, valid_until, rows FROM datasets"
+                )
+            )
+        return self._conn
+
+    def refresh(self) -> None:
+        """Reopen the file if an import replaced it. Call once per scan, not per lookup."""
+        self._connection()
+
+    def _one(self, sql: str, key: bytes) -> Any:
+        conn = self._conn
+        if conn is None:
+            return None
+        return conn.execute(sql, (key,)).fetchone()
+
+    def datasets(self) -> tuple[DatasetInfo, ...]:
+        self._connection()
+        return self._datasets
+
+    def is_empty(self) -> bool:
+        return not self._datasets
+
+    def issuer(self, key_id: bytes) -> IssuerKey | None:
+        row = self._one(
+            "SELECT public_key, code_types, valid_from, valid_until FROM issuers WHERE key_id = ?",
+            key_id,
+        )
+        if row is None:
+            return None
+        return IssuerKey(key_id, row[0], frozenset(row[1].split(",")), row[2], row[3])
+
+    def health_status(self, subject: bytes) -> HealthStatus | None:
+        row = self._one("SELECT colour, as_of FROM health_status WHERE subject = ?", subject)
+        return None if row is None else HealthStatus(Colour(row[0]), row[1])
+
+    def resident(self, subject: bytes) -> Resident | None:
+        row = self._one(
+            "SELECT compound, building, unit, role, valid_from, valid_until, display_name "
+            "FROM residents WHERE subject = ?",
+            subject,
+        )
+        if row is None:
+            return None
+        return Resident(subject, row[0], row[1], row[2], Role(row[3]), row[4], row[5], row[6])
+
+    def bound_resident(self, health_subject: bytes) -> bytes | None:
+        row = self._one(
+            "SELECT resident_subject FROM bindings WHERE health_subject = ?", health_subject
+        )
+        return None if row is None else bytes(row[0])
+
+    def is_revoked(self, code_id: bytes) -> bool:
+        return self._one("SELECT 1 FROM revocations WHERE code_id = ?", code_id) is not None
+
+    def platform_token(self, token_hash: bytes) -> TokenRecord | None:
+        row = self._one(
+            "SELECT subject, colour, as_of FROM platform_tokens WHERE token_hash = ?", token_hash
+        )
+        return None if row is None else TokenRecord(bytes(row[0]), Colour(row[1]), row[2])
+
+    def oldest_issued_at(self) -> int | None:
+        """District issue time of the oldest dataset: how old the data is."""
+        return min((info.issued_at for info in self._datasets), default=None)
+
+    def earliest_valid_until(self) -> int | None:
+        return min((info.valid_until for info in self._datasets), default=None)
+
+    def latest_synced_at(self) -> int | None:
+        return max((info.synced_at for info in self._datasets), default=None)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._inode = None
+        self._datasets = ()
+
+    def __enter__(self) -> Cache:
+        self._connection()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
