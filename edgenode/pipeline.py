@@ -1,0 +1,146 @@
+"""The main job: frames or payloads in, recorded verdicts out.
+
+``Gate`` wires the steps together in order: decode, parse, pair, decide, record. Input sources
+call it with the time a frame or a scan arrived; it never sleeps or reads a device itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from edgenode.cache import Cache
+from edgenode.codes import ParseResult, parse_payload
+from edgenode.config import Config
+from edgenode.decoders import Decoder, Frame
+from edgenode.journal import Journal, JournalRecord
+from edgenode.pairing import Lone, Pair, Pairer, PairingResult, Unreadable
+from edgenode.policy import ClockReading, Outcome, Verdict, decide, incomplete, unrecognised
+
+log = structlog.get_logger("edgenode.pipeline")
+
+WallClock = Callable[[], ClockReading]
+
+
+def system_clock() -> ClockReading:
+    # NOTE: the clock counts as synchronised until the NTP check exists; the policy still
+    # rejects times before the build date or the last sync.
+    return ClockReading(now=time.time(), synchronised=True)
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictEvent:
+    """A verdict as recorded, with where and when it came from."""
+
+    record: JournalRecord
+    verdict: Verdict
+    station: str
+    # Seconds since the start of the source (the video position for a file).
+    source_time_s: float
+
+
+class Gate:
+    def __init__(
+        self,
+        config: Config,
+        cache: Cache,
+        journal: Journal,
+        decoder: Decoder,
+        clock: WallClock = system_clock,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.journal = journal
+        self.decoder = decoder
+        self.clock = clock
+        self.pairer = Pairer(
+            pair_window_s=config.pairing.pair_window_ms / 1000,
+            debounce_s=config.pairing.debounce_ms / 1000,
+        )
+        self._token_patterns = config.policy.compiled_token_patterns()
+        # Wall-clock time of each code's last admit at this gate, for replay detection.
+        self._last_admit: dict[bytes, float] = {}
+
+    def process_frame(
+        self, frame: Frame, *, station: str, at: float, received: float | None = None
+    ) -> list[VerdictEvent]:
+        """Decode one frame and feed its codes in. ``at`` is the frame's monotonic time."""
+        received = time.perf_counter() if received is None else received
+        symbols = self.decoder.decode(frame)
+        return self.process_payloads(
+            (symbol.data for symbol in symbols), station=station, at=at, received=received
+        )
+
+    def process_payloads(
+        self, payloads: Iterable[bytes], *, station: str, at: float, received: float
+    ) -> list[VerdictEvent]:
+        """Feed the payloads of one scan. ``received`` is its time.perf_counter() on arrival."""
+        parsed: list[ParseResult] = [parse_payload(p, self._token_patterns) for p in payloads]
+        self.cache.refresh()
+        results = self.pairer.add(station, at, parsed)
+        return self._resolve(results, station, at, received)
+
+    def tick(self, at: float) -> list[VerdictEvent]:
+        """Resolve lone codes whose pairing window has passed."""
+        return self._resolve(self.pairer.expire(at), None, at, time.perf_counter())
+
+    def flush(self, at: float) -> list[VerdictEvent]:
+        """Resolve every waiting code, at the end of a file or at shutdown."""
+        return self._resolve(self.pairer.flush(), None, at, time.perf_counter())
+
+    def _resolve(
+        self, results: list[PairingResult], station: str | None, at: float, received: float
+    ) -> list[VerdictEvent]:
+        events = []
+        for result in results:
+            clock = self.clock()
+            verdict = self._verdict(result, clock)
+            latency_ms = (time.perf_counter() - received) * 1000
+            record = self.journal.append_verdict(
+                verdict,
+                station=station or self.config.device.station,
+                recorded_at=clock.now,
+                latency_ms=latency_ms,
+            )
+            if verdict.outcome == Outcome.ADMIT:
+                for code_id in verdict.code_ids:
+                    self._last_admit[code_id] = clock.now
+            log.info(
+                "verdict_recorded",
+                seq=record.seq,
+                verdict=record.verdict,
+                reasons=list(record.reasons),
+                station=record.station,
+                device=record.device_id,
+                latency_ms=round(latency_ms, 3),
+                detail=verdict.detail or None,
+            )
+            events.append(VerdictEvent(record, verdict, record.station, at))
+        self._forget_old_admits()
+        return events
+
+    def _verdict(self, result: PairingResult, clock: ClockReading) -> Verdict:
+        if isinstance(result, Pair):
+            return decide(
+                result.health,
+                result.community,
+                self.cache,
+                clock,
+                self.config.policy,
+                site=self.config.device.site,
+                last_use=self._last_admit.get,
+            )
+        if isinstance(result, Lone):
+            return incomplete(result.code, result.reason)
+        if isinstance(result, Unreadable):
+            return unrecognised(result.rejection)
+        raise TypeError(f"unexpected pairing result {result!r}")
+
+    def _forget_old_admits(self) -> None:
+        if len(self._last_admit) < 4096:
+            return
+        horizon = self.clock().now - self.config.policy.replay_window_s
+        self._last_admit = {k: v for k, v in self._last_admit.items() if v >= horizon}
