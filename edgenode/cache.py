@@ -9,6 +9,7 @@ inode and reopen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -282,10 +283,9 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    # Some file systems do not support fsync on a folder; the rename has happened anyway.
+    with contextlib.suppress(OSError):
         _fsync(path)
-    except OSError:
-        pass  # Some file systems do not support fsync on a folder; the rename still happened.
 
 
 class Cache:
@@ -394,4 +394,3 @@ class Cache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-

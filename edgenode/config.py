@@ -66,9 +66,7 @@ class TrustConfig(_Strict):
 
 
 class DecoderConfig(_Strict):
-    backend: Literal["zxing", "pyzbar"] = Field(
-        default="zxing", description="QR decoder backend."
-    )
+    backend: Literal["zxing", "pyzbar"] = Field(default="zxing", description="QR decoder backend.")
 
 
 class PairingConfig(_Strict):
@@ -128,7 +126,7 @@ class PolicyConfig(_Strict):
     @classmethod
     def _never_admit(cls, value: Action) -> Action:
         if value == "admit":
-            raise ValueError("must be 'review' or 'deny': admitting without a green status is unsafe")
+            raise ValueError("must be 'review' or 'deny': admitting without green status is unsafe")
         return value
 
     def compiled_token_patterns(self) -> tuple[TokenPattern, ...]:

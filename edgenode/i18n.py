@@ -20,7 +20,7 @@ DEFAULT_LANGUAGE = "zh_CN"
 LANGUAGES = ("zh_CN", "en")
 
 
-def N_(message: str) -> str:  # noqa: N802 - the conventional gettext marker name
+def N_(message: str) -> str:
     """Mark a string for extraction without translating it yet."""
     return message
 

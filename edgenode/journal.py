@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL DEFAULT (unixepoch('subsec')))"
+        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
     )
     applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
     for version, script in enumerate(_MIGRATIONS, start=1):
@@ -131,7 +132,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
             for statement in script.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
 
 
 class Journal:

@@ -49,7 +49,9 @@ REASON_TEXTS: dict[Reason, str] = {
     Reason.CLOCK_UNTRUSTED: N_("The device clock cannot be trusted"),
     Reason.MISSING_HEALTH_CODE: N_("The health code is missing"),
     Reason.MISSING_COMMUNITY_CODE: N_("The community code is missing"),
-    Reason.DUPLICATE_CODE_TYPE: N_("Several codes of the same type: show one person's codes at a time"),
+    Reason.DUPLICATE_CODE_TYPE: N_(
+        "Several codes of the same type: show one person's codes at a time"
+    ),
 }
 
 
@@ -63,7 +65,9 @@ def reason_text(reason: Reason, translator: Translator) -> str:
 
 def describe(verdict: Verdict, translator: Translator) -> str:
     """One line for the guard: the verdict word, then the reasons that matter."""
-    shown = [r for r in verdict.reasons if r != Reason.HEALTH_GREEN] or list(verdict.reasons)
+    shown: list[Reason] = [r for r in verdict.reasons if r != Reason.HEALTH_GREEN]
+    if not shown:
+        shown = list(verdict.reasons)
     texts = [reason_text(reason, translator) for reason in shown]
     separator = "；" if translator.language == "zh_CN" else "; "
     word = outcome_word(verdict.outcome, translator)

@@ -34,6 +34,8 @@ class Lone:
 
     code: HealthLike | CommunityCode
     reason: Reason
+    # Monotonic time the code arrived.
+    seen_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +75,18 @@ class Pairer:
         output.extend(Unreadable(r) for r in fresh if isinstance(r, Rejection))
         if len(health) > 1 or len(community) > 1:
             # Two people's phones in view: guessing which codes belong together is unsafe.
-            output.extend(Lone(code, Reason.DUPLICATE_CODE_TYPE) for code in health + community)
+            output.extend(Lone(code, Reason.DUPLICATE_CODE_TYPE, at) for code in health + community)
             return output
         # A different code already waiting in the same slot is given up as incomplete.
         if health:
             if state.health is not None:
-                output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE))
+                output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE, state.health[1]))
             state.health = (health[0], at)
         if community:
             if state.community is not None:
-                output.append(Lone(state.community[0], Reason.MISSING_HEALTH_CODE))
+                output.append(
+                    Lone(state.community[0], Reason.MISSING_HEALTH_CODE, state.community[1])
+                )
             state.community = (community[0], at)
         if state.health is not None and state.community is not None:
             output.append(Pair(state.health[0], state.community[0], at))
@@ -104,10 +108,10 @@ class Pairer:
     def _expire_station(self, state: _Station, at: float) -> list[PairingResult]:
         output: list[PairingResult] = []
         if state.health is not None and at - state.health[1] > self.pair_window_s:
-            output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE))
+            output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE, state.health[1]))
             state.health = None
         if state.community is not None and at - state.community[1] > self.pair_window_s:
-            output.append(Lone(state.community[0], Reason.MISSING_HEALTH_CODE))
+            output.append(Lone(state.community[0], Reason.MISSING_HEALTH_CODE, state.community[1]))
             state.community = None
         horizon = at - max(self.debounce_s, self.pair_window_s)
         stale = [key for key, seen in state.last_seen.items() if seen < horizon]
@@ -120,9 +124,11 @@ class Pairer:
         output: list[PairingResult] = []
         for state in self._stations.values():
             if state.health is not None:
-                output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE))
+                output.append(Lone(state.health[0], Reason.MISSING_COMMUNITY_CODE, state.health[1]))
             if state.community is not None:
-                output.append(Lone(state.community[0], Reason.MISSING_HEALTH_CODE))
+                output.append(
+                    Lone(state.community[0], Reason.MISSING_HEALTH_CODE, state.community[1])
+                )
             state.health = state.community = None
         return output
 

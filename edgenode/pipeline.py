@@ -7,11 +7,13 @@ call it with the time a frame or a scan arrived; it never sleeps or reads a devi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
+from drivers.files import iter_file_frames
 from edgenode.cache import Cache
 from edgenode.codes import ParseResult, parse_payload
 from edgenode.config import Config
@@ -118,7 +120,8 @@ class Gate:
                 latency_ms=round(latency_ms, 3),
                 detail=verdict.detail or None,
             )
-            events.append(VerdictEvent(record, verdict, record.station, at))
+            source_time = result.seen_at if isinstance(result, Lone) else at
+            events.append(VerdictEvent(record, verdict, record.station, source_time))
         self._forget_old_admits()
         return events
 
@@ -144,3 +147,26 @@ class Gate:
             return
         horizon = self.clock().now - self.config.policy.replay_window_s
         self._last_admit = {k: v for k, v in self._last_admit.items() if v >= horizon}
+
+
+def scan_files(
+    gate: Gate,
+    paths: Sequence[Path],
+    on_verdict: Callable[[VerdictEvent, Path], None],
+) -> None:
+    """Run the main job over image and video files, calling on_verdict(event, path) each time.
+
+    Each file starts a fresh pairing state: codes in different files never pair.
+    """
+    station = gate.config.device.station
+    for path in paths:
+        last_time = 0.0
+        for frame in iter_file_frames(path):
+            last_time = frame.timestamp_s
+            for event in gate.tick(frame.timestamp_s):
+                on_verdict(event, path)
+            for event in gate.process_frame(frame.frame, station=station, at=frame.timestamp_s):
+                on_verdict(event, path)
+        for event in gate.flush(last_time):
+            on_verdict(event, path)
+        gate.pairer.reset_debounce()
