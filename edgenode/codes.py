@@ -325,9 +325,7 @@ def _encode_header(
     if len(subject) != SUBJECT_LEN:
         raise ValueError(f"subject must be {SUBJECT_LEN} bytes, got {len(subject)}")
     flags = _FLAG_PRINTED if printed else 0
-    return _HEADER.pack(
-        FORMAT_VERSION, code_type, flags, key_id, issued_at, expires_at, subject
-    )
+    return _HEADER.pack(FORMAT_VERSION, code_type, flags, key_id, issued_at, expires_at, subject)
 
 
 def _encode_text(value: str, max_len: int, name: str) -> bytes:
