@@ -166,7 +166,7 @@ def test_zxing_data_is_raw_payload(corpus: list[CorpusImage], zxing_run: CorpusR
 
     assert wrong_bytes == []
     assert all(not image.expected.isascii() for image in corpus if image.name in legacy_charset)
-    # 212 of the 238 matches when this floor was set; the other 26 are legacy charsets.
+    # 212 of the 238 matches when this floor was set. The other 26 use legacy charsets.
     assert len(utf8_matches) >= 205
 
 
