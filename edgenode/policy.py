@@ -141,8 +141,10 @@ def decide(
         else:
             _check_replay(code.code_id, False, now, policy, findings, last_use)
 
-    health_subject, colour = _health_status(health, cache, findings)
+    health_subject, colour, from_cache = _health_status(health, cache, findings)
     _apply_colour(colour, policy, findings)
+    if from_cache:
+        findings.add(_Severity.INFO, Reason.HEALTH_STATUS_FROM_CACHE)
     resident = _check_community(community, cache, now, site, policy, findings)
     _check_same_person(health_subject, community, cache, findings)
     return _verdict(findings, health, community, resident, colour, clock_trusted, health_subject)
@@ -219,21 +221,23 @@ def _check_replay(
 
 def _health_status(
     health: HealthCode | PlatformToken, cache: CacheView, findings: _Findings
-) -> tuple[bytes | None, Colour | None]:
-    """Return the health subject and the colour that applies: a newer cached status wins."""
+) -> tuple[bytes | None, Colour | None, bool]:
+    """Return the health subject, the colour that applies, and whether it came from the cache.
+
+    A cached status newer than the code (or the platform record) wins over it.
+    """
     if isinstance(health, PlatformToken):
         record = cache.platform_token(health.token_hash)
         if record is None:
             findings.add(_Severity.INFO, Reason.PLATFORM_TOKEN_UNKNOWN)
-            return None, None
+            return None, None, False
         subject, colour, as_of = record.subject, record.colour, record.as_of
     else:
         subject, colour, as_of = health.subject, health.colour, health.issued_at
     cached = cache.health_status(subject)
     if cached is not None and cached.as_of > as_of and cached.colour != colour:
-        findings.add(_Severity.INFO, Reason.HEALTH_STATUS_FROM_CACHE)
-        colour = cached.colour
-    return subject, colour
+        return subject, cached.colour, True
+    return subject, colour, False
 
 
 def _apply_colour(colour: Colour | None, policy: PolicyConfig, findings: _Findings) -> None:
