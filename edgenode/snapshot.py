@@ -112,10 +112,9 @@ def _header_from(header: Mapping[str, Any]) -> SnapshotHeader:
 
 
 class SnapshotReader:
-    """Verify a snapshot's header signature, then stream its records while hashing the body.
+    """Verify a snapshot's header signature and body hash, then stream its records.
 
-    The body hash is only known at the end, so a consumer must treat the records as
-    untrusted until ``records()`` has finished without raising.
+    Both checks run when the reader is created, so every record it yields is authenticated.
     """
 
     def __init__(self, path: Path, trusted_keys: Sequence[bytes]) -> None:
@@ -123,6 +122,8 @@ class SnapshotReader:
         self._file: IO[bytes] = self._open(path)
         try:
             self.header = self._read_header(trusted_keys)
+            self._body_offset = self._file.tell()
+            self._check_body_hash()
         except BaseException:
             self._file.close()
             raise
@@ -167,13 +168,19 @@ class SnapshotReader:
             raise self._fail("bad_signature", "snapshot signature does not verify") from exc
         return header
 
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Yield body records. Raises SnapshotError at the end if the body was altered."""
+    def _check_body_hash(self) -> None:
         digest = hashlib.sha256()
+        while chunk := self._file.read(1 << 16):
+            digest.update(chunk)
+        if digest.hexdigest() != self.header.body_sha256:
+            raise self._fail("body_hash_mismatch", "snapshot body does not match its signed hash")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Yield body records. Raises SnapshotError for a record that is not a JSON object."""
         count = 0
-        hashing = _HashingReader(self._file, digest)
+        self._file.seek(self._body_offset)
         try:
-            with gzip.GzipFile(fileobj=hashing, mode="rb") as body:
+            with gzip.GzipFile(fileobj=self._file, mode="rb") as body:
                 for line in body:
                     try:
                         record = json.loads(line)
@@ -185,9 +192,6 @@ class SnapshotReader:
                     yield record
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise self._fail("bad_body", f"snapshot body is corrupt: {exc}") from exc
-        hashing.drain()
-        if digest.hexdigest() != self.header.body_sha256:
-            raise self._fail("body_hash_mismatch", "snapshot body does not match its signed hash")
         if count != self.header.record_count:
             raise self._fail("bad_body", f"{count} records, header says {self.header.record_count}")
 
@@ -199,25 +203,3 @@ class SnapshotReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class _HashingReader(io.RawIOBase):
-    """File wrapper that hashes every byte read through it."""
-
-    def __init__(self, file: IO[bytes], digest: Any) -> None:
-        self._file = file
-        self._digest = digest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._file.read(len(buffer))
-        self._digest.update(data)
-        buffer[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> None:
-        """Hash any bytes after the gzip stream, so appended data fails the hash check."""
-        while chunk := self._file.read(1 << 16):
-            self._digest.update(chunk)
