@@ -84,13 +84,13 @@ class JournalRecord:
             "kind": self.kind,
             "device_id": self.device_id,
             "station": self.station,
-            "recorded_at": round(self.recorded_at, 6),
+            "recorded_at": round(float(self.recorded_at), 6),
             "clock_trusted": self.clock_trusted,
             "verdict": self.verdict,
             "reasons": list(self.reasons),
             "health_subject": self.health_subject,
             "community_subject": self.community_subject,
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+            "latency_ms": None if self.latency_ms is None else round(float(self.latency_ms), 3),
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
