@@ -66,11 +66,12 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     config = _load(args)
     tr: Translator = args.tr
     clock = system_clock
-    if args.now is not None:
-        offset = float(args.now) - time.time()
+    if args.now is not None or args.clock_unsynchronised:
+        offset = 0.0 if args.now is None else float(args.now) - time.time()
+        synchronised = not args.clock_unsynchronised
 
         def clock() -> ClockReading:
-            return ClockReading(now=time.time() + offset, synchronised=True)
+            return ClockReading(now=time.time() + offset, synchronised=synchronised)
 
     decoder = create_decoder(args.decoder or config.decoder.backend)
     counts: dict[str, int] = {}
@@ -112,7 +113,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
                         "frame": frame.index,
                         "time_s": round(frame.timestamp_s, 3),
                         "frames": 1,
-                        "text": symbol.data.decode("utf-8", errors="replace"),
+                        "text": symbol.text
+                        if symbol.text is not None
+                        else symbol.data.decode("utf-8", errors="replace"),
                         "utf8": _is_utf8(symbol.data),
                         "hex": symbol.data.hex(),
                         "corners": [list(point) for point in symbol.corners],
@@ -287,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--now",
         type=float,
         help="decide as if the clock read this Unix time (for replaying recorded footage)",
+    )
+    scan.add_argument(
+        "--clock-unsynchronised",
+        action="store_true",
+        help="treat the clock as not synchronised, as before NTP answers after a boot",
     )
     scan.add_argument("files", nargs="+", metavar="FILE", help="image or video files")
     scan.set_defaults(handler=_cmd_scan)
