@@ -163,6 +163,9 @@ def parse_payload(payload: bytes, token_patterns: Sequence[TokenPattern] = ()) -
         match = pattern.regex.fullmatch(text)
         if match is not None:
             token = match.group("token")
+            if not token:
+                # The pattern matched without its token group taking part: not a token.
+                continue
             token_hash = hashlib.sha256(token.encode("ascii")).digest()
             return PlatformToken(pattern=pattern.name, token_hash=token_hash)
     return Rejection(Reason.UNRECOGNISED_PAYLOAD, "no known prefix or token pattern", payload_hash)
@@ -230,14 +233,18 @@ class _Reader:
         self.offset += 1
         return value
 
-    def text(self, max_len: int) -> str | None:
-        """Read a length-prefixed printable ASCII field; None if cut short or invalid."""
+    def text(self, max_len: int) -> str | Reason:
+        """Read a length-prefixed printable ASCII field, or return why it cannot be read."""
         length = self.byte()
-        if length is None or length > max_len or self.offset + length > len(self.body):
-            return None
+        if length is None:
+            return Reason.TRUNCATED
+        if length > max_len:
+            return Reason.MALFORMED_FIELD
+        if self.offset + length > len(self.body):
+            return Reason.TRUNCATED
         raw = self.body[self.offset : self.offset + length]
         if _TEXT_FIELD.fullmatch(raw) is None:
-            return None
+            return Reason.MALFORMED_FIELD
         self.offset += length
         return raw.decode("ascii")
 
@@ -279,11 +286,9 @@ def _parse_community(
         ("building", BUILDING_MAX_LEN),
         ("unit", UNIT_MAX_LEN),
     ):
-        start = reader.offset
         value = reader.text(max_len)
-        if value is None:
-            reason = Reason.TRUNCATED if start + 1 >= len(reader.body) else Reason.MALFORMED_FIELD
-            return Rejection(reason, f"{name} field invalid or cut short", payload_hash)
+        if isinstance(value, Reason):
+            return Rejection(value, f"{name} field invalid or cut short", payload_hash)
         fields.append(value)
     if not fields[0]:
         return Rejection(Reason.MALFORMED_FIELD, "compound is empty", payload_hash)
@@ -324,6 +329,11 @@ def _encode_header(
         raise ValueError(f"key id must be {KEY_ID_LEN} bytes, got {len(key_id)}")
     if len(subject) != SUBJECT_LEN:
         raise ValueError(f"subject must be {SUBJECT_LEN} bytes, got {len(subject)}")
+    for name, value in (("issued_at", issued_at), ("expires_at", expires_at)):
+        if not EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP:
+            raise ValueError(f"{name}={value} must be Unix seconds between 2020 and 2100")
+    if expires_at <= issued_at:
+        raise ValueError(f"expires_at={expires_at} must be after issued_at={issued_at}")
     flags = _FLAG_PRINTED if printed else 0
     return _HEADER.pack(FORMAT_VERSION, code_type, flags, key_id, issued_at, expires_at, subject)
 
@@ -385,6 +395,8 @@ def encode_community(
         expires_at=expires_at,
         subject=subject,
     )
+    if not compound:
+        raise ValueError("compound must not be empty")
     fields = (
         bytes([_ROLE_CODES[role]])
         + _encode_text(compound, COMPOUND_MAX_LEN, "compound")
