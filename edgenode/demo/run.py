@@ -358,11 +358,10 @@ def run_demo(folder: Path, *, people: int, tr: Translator, json_output: bool) ->
             print(json.dumps(row, ensure_ascii=False, sort_keys=True))
             continue
         label = tr.gettext(person.label) if person else "?"
+        number = "?" if person_index is None else str(person_index + 1)
+        who = tr.gettext("Person {number} ({label})").format(number=number, label=label)
         mark = "✓" if ok else "✗"
-        print(
-            f"{mark} {tr.gettext('Person')} {person_index if person_index is not None else '?':>2} "
-            f"({label}): {format_verdict_line(event, tr)}"
-        )
+        print(f"{mark} {who}: {format_verdict_line(event, tr)}")
 
     latencies = [event.record.latency_ms or 0.0 for event in events]
     if not json_output:
