@@ -24,8 +24,9 @@ from edgenode.decoders import DECODER_NAMES, create_decoder
 from edgenode.i18n import LANGUAGES, Translator, language_from_env, translator
 from edgenode.journal import Journal, JournalError
 from edgenode.logs import configure_logging
+from edgenode.messages import outcome_word
 from edgenode.pipeline import Gate, VerdictEvent, scan_files, system_clock
-from edgenode.policy import ClockReading
+from edgenode.policy import ClockReading, Outcome
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -74,7 +75,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             return ClockReading(now=time.time() + offset, synchronised=synchronised)
 
     decoder = create_decoder(args.decoder or config.decoder.backend)
-    counts: dict[str, int] = {}
+    counts: dict[Outcome, int] = {}
     with (
         Cache(config.cache_path) as cache,
         Journal(config.journal_path, config.device.id) as journal,
@@ -82,7 +83,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         gate = Gate(config, cache, journal, decoder, clock=clock)
 
         def on_verdict(event: VerdictEvent, path: Path) -> None:
-            counts[event.verdict.outcome.value] = counts.get(event.verdict.outcome.value, 0) + 1
+            counts[event.verdict.outcome] = counts.get(event.verdict.outcome, 0) + 1
             if args.json:
                 _print_json(verdict_json(event, str(path), tr))
             else:
@@ -90,7 +91,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
         scan_files(gate, [Path(p) for p in args.files], on_verdict)
     if not args.json:
-        summary = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+        summary = ", ".join(
+            f"{outcome_word(outcome, tr)} {count}" for outcome, count in sorted(counts.items())
+        )
         print(tr.gettext("Verdicts: {summary}").format(summary=summary or "0"))
     return EXIT_OK
 
