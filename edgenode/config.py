@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgenode.codes import TokenPattern
 
@@ -133,6 +140,96 @@ class PolicyConfig(_Strict):
         return tuple(TokenPattern(p.name, re.compile(p.regex)) for p in self.token_patterns)
 
 
+class CameraSourceConfig(_Strict):
+    type: Literal["camera"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    device: str = Field(
+        default="",
+        description="Stable device path such as /dev/v4l/by-id/usb-...-video-index0; "
+        "empty to use `index`.",
+    )
+    index: Annotated[int, Field(ge=0, le=63)] = Field(
+        default=0, description="V4L2 device index, used when `device` is empty."
+    )
+    backend: Literal["v4l2", "picamera2"] = Field(
+        default="v4l2", description="picamera2 works only where that module is importable."
+    )
+    pixel_format: Annotated[str, Field(pattern=r"^[A-Z0-9]{4}$")] = Field(
+        default="MJPG", description="FOURCC of the pixel format to request."
+    )
+    width: Annotated[int, Field(ge=160, le=4096)] = 1280
+    height: Annotated[int, Field(ge=120, le=4096)] = 720
+    fps: Annotated[int, Field(ge=1, le=120)] = 30
+    roi: tuple[int, int, int, int] | None = Field(
+        default=None, description="Region of interest as x, y, width, height in pixels."
+    )
+    reconnect_max_s: Annotated[float, Field(ge=1, le=300)] = Field(
+        default=30.0, description="Upper bound of the reconnect backoff, in seconds."
+    )
+
+
+class HidSourceConfig(_Strict):
+    type: Literal["hid"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    vid_pid: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")] | None = Field(
+        default=None, description="USB vendor and product id, e.g. 0c2e:0b61."
+    )
+    device_name: str | None = Field(
+        default=None, description="Input device name as the kernel reports it."
+    )
+    inter_key_timeout_ms: Annotated[int, Field(ge=20, le=2_000)] = Field(
+        default=100, description="A gap this long between keys ends a code."
+    )
+    max_scan_ms: Annotated[int, Field(ge=100, le=30_000)] = Field(
+        default=3_000, description="A code still being typed after this long is cut off."
+    )
+    grab: bool = Field(
+        default=True, description="Grab the device so scans never type into the screen."
+    )
+
+    @field_validator("device_name")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _named_device(self) -> HidSourceConfig:
+        if self.vid_pid is None and self.device_name is None:
+            raise ValueError("set vid_pid or device_name: a scanner is never 'any keyboard'")
+        return self
+
+
+class SerialSourceConfig(_Strict):
+    type: Literal["serial"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    device: str = Field(description="Stable path such as /dev/serial/by-id/usb-...-if00.")
+    baudrate: Annotated[int, Field(ge=1_200, le=921_600)] = 9_600
+    suffix: Literal["cr", "lf", "crlf"] = Field(
+        default="cr", description="Terminator the scanner sends after each code."
+    )
+    inter_byte_timeout_ms: Annotated[int, Field(ge=10, le=2_000)] = Field(
+        default=100, description="Bytes that stop this long before a suffix are a cut-off code."
+    )
+    charset: str | None = Field(
+        default=None, description="Charset of the scanner's output; default UTF-8, else GB18030."
+    )
+
+
+class VideoSourceConfig(_Strict):
+    type: Literal["video"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    path: Path = Field(description="Video file played at its own frame rate, for trials.")
+    loop: bool = False
+
+
+SourceConfig = Annotated[
+    CameraSourceConfig | HidSourceConfig | SerialSourceConfig | VideoSourceConfig,
+    Field(discriminator="type"),
+]
+
+
 class DisplayConfig(_Strict):
     language: Language = Field(default="zh_CN", description="Language of the guard's messages.")
 
@@ -144,6 +241,18 @@ class Config(_Strict):
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Input sources that `edgenode run` reads."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.name for source in sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique: {', '.join(duplicates)}")
+        return sources
 
     @property
     def cache_path(self) -> Path:

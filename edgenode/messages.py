@@ -47,6 +47,11 @@ REASON_TEXTS: dict[Reason, str] = {
     Reason.CACHE_EMPTY: N_("No local data yet: the device has not been synced"),
     Reason.CACHE_STALE: N_("The local data is out of date"),
     Reason.CLOCK_UNTRUSTED: N_("The device clock cannot be trusted"),
+    Reason.SCANNER_LAYOUT_ERROR: N_(
+        "The scanner is set to the wrong keyboard layout: ask the installer to set it to US"
+    ),
+    Reason.SCAN_CUT_OFF: N_("The scan was cut off: scan the code again"),
+    Reason.CHARSET_UNSUPPORTED: N_("The scanner sent text in an unsupported character set"),
     Reason.MISSING_HEALTH_CODE: N_("The health code is missing"),
     Reason.MISSING_COMMUNITY_CODE: N_("The community code is missing"),
     Reason.DUPLICATE_CODE_TYPE: N_(

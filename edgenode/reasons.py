@@ -54,6 +54,11 @@ class Reason(StrEnum):
     CACHE_STALE = "cache_stale"
     CLOCK_UNTRUSTED = "clock_untrusted"
 
+    # Reads from a scanner or camera that yielded no usable payload.
+    SCANNER_LAYOUT_ERROR = "scanner_layout_error"
+    SCAN_CUT_OFF = "scan_cut_off"
+    CHARSET_UNSUPPORTED = "charset_unsupported"
+
     # Pairing.
     MISSING_HEALTH_CODE = "missing_health_code"
     MISSING_COMMUNITY_CODE = "missing_community_code"
