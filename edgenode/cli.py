@@ -7,8 +7,10 @@ chain, a file that cannot be read), 2 a usage or config error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ from edgenode.policy import ClockReading, Outcome
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# systemd and installers can tell a gate that never started from one that failed later.
+EXIT_STARTUP = 3
 DEFAULT_CONFIG = Path("/etc/edgenode/edgenode.toml")
 
 
@@ -102,6 +106,10 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
+    if args.live:
+        return _cmd_decode_live(args)
+    if not args.files:
+        raise CommandError("give image or video files, or --live SOURCE", EXIT_USAGE)
     decoder = create_decoder(args.decoder)
     tr: Translator = args.tr
     for name in args.files:
@@ -251,6 +259,113 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _build_sources(config: Config, names: Sequence[str] | None = None) -> list[Any]:
+    from drivers import create_source
+
+    chosen = [s for s in config.sources if names is None or s.name in names]
+    if names is not None:
+        unknown = sorted(set(names) - {s.name for s in chosen})
+        if unknown:
+            known = ", ".join(s.name for s in config.sources) or "-"
+            raise CommandError(
+                f"unknown source {', '.join(unknown)}; configured: {known}", EXIT_USAGE
+            )
+    return [create_source(source, config.decoder.backend) for source in chosen]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edgenode.daemon import Daemon
+
+    config = _load(args)
+    tr: Translator = args.tr
+    if not config.sources:
+        raise CommandError(tr.gettext("No [[sources]] in the config: nothing to read."), EXIT_USAGE)
+    daemon = Daemon(config, _build_sources(config))
+    try:
+        daemon.open()
+    except (JournalError, OSError, sqlite3.Error) as exc:
+        raise CommandError(
+            tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
+        ) from exc
+    asyncio.run(daemon.run())
+    return EXIT_OK
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from drivers.discovery import find_devices
+
+    tr: Translator = args.tr
+    devices = find_devices()
+    if args.json:
+        for device in devices:
+            _print_json({field: getattr(device, field) for field in device.__slots__})
+        return EXIT_OK
+    if not devices:
+        print(tr.gettext("No cameras, input devices or serial ports found."))
+        return EXIT_OK
+    kinds = {
+        "camera": tr.gettext("camera"),
+        "input": tr.gettext("input device"),
+        "serial": tr.gettext("serial port"),
+    }
+    for device in devices:
+        config_path = device.stable_path or device.path
+        details = "  ".join(part for part in (device.vid_pid, device.note) if part)
+        print(f"{kinds[device.kind]:<8} {config_path}  {device.name}  {details}")
+    return EXIT_OK
+
+
+def _cmd_decode_live(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edgenode.sources import ScanEvent
+
+    config = _load(args)
+    tr: Translator = args.tr
+    (source,) = _build_sources(config, [args.live])
+    printed = 0
+
+    async def read() -> None:
+        nonlocal printed
+        done = asyncio.Event()
+
+        def show(event: ScanEvent) -> None:
+            nonlocal printed
+            if event.read_error is not None:
+                rows = [{"source": event.source, "error": str(event.read_error.reason)}]
+            else:
+                rows = [
+                    {"source": event.source, "text": payload.decode("utf-8", errors="replace")}
+                    for payload in event.payloads
+                ]
+            for row in rows:
+                if args.json:
+                    _print_json(row)
+                elif "error" in row:
+                    error = tr.gettext("read error: {reason}").format(reason=row["error"])
+                    print(f"{row['source']}\t{error}", flush=True)
+                else:
+                    print(f"{row['source']}\t{row['text']}", flush=True)
+            printed += 1
+            if args.count and printed >= args.count:
+                done.set()
+
+        task = asyncio.create_task(source.run(show))
+        try:
+            await asyncio.wait_for(done.wait(), timeout=args.seconds)
+        except TimeoutError:
+            pass
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(read())
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edgenode.demo.run import run_demo
 
@@ -268,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="language of messages for people "
         "(default: the config's, else $EDGENODE_LANG, else zh_CN)",
     )
-    parser.add_argument("--log-level", default="warning", help="log level (default: warning)")
+    parser.add_argument(
+        "--log-level",
+        help="log level: debug, info, warning or error (default: info for 'run', else warning)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> None:
@@ -307,7 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--decoder", choices=DECODER_NAMES, default="zxing", help="decoder (default: zxing)"
     )
-    decode.add_argument("files", nargs="+", metavar="FILE", help="image or video files")
+    decode.add_argument(
+        "--live",
+        metavar="SOURCE",
+        help="read from the configured source with this name and print what it reads",
+    )
+    with_config(decode)
+    decode.add_argument(
+        "--count", type=int, default=0, help="with --live: stop after this many reads"
+    )
+    decode.add_argument(
+        "--seconds", type=float, default=None, help="with --live: stop after this many seconds"
+    )
+    decode.add_argument("files", nargs="*", metavar="FILE", help="image or video files")
+
+    run = commands.add_parser("run", help="run the gate daemon on the configured sources")
+    with_config(run)
+    run.set_defaults(handler=_cmd_run)
+
+    devices = commands.add_parser(
+        "devices", help="list cameras, input devices and serial ports with their stable paths"
+    )
+    devices.add_argument("--json", action="store_true", help="print one JSON object per device")
+    devices.set_defaults(handler=_cmd_devices)
     decode.set_defaults(handler=_cmd_decode)
 
     cache = commands.add_parser("cache", help="the local data cache").add_subparsers(
@@ -343,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or ("info" if args.command == "run" else "warning"))
     args.tr = translator(args.lang or language_from_env())
     try:
         result: int = args.handler(args)

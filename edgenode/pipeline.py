@@ -21,6 +21,7 @@ from edgenode.decoders import Decoder, Frame
 from edgenode.journal import Journal, JournalRecord
 from edgenode.pairing import Lone, Pair, Pairer, PairingResult, Unreadable
 from edgenode.policy import ClockReading, Outcome, Verdict, decide, incomplete, unrecognised
+from edgenode.sources import ReadError
 
 log = structlog.get_logger("edgenode.pipeline")
 
@@ -100,30 +101,49 @@ class Gate:
         for result in results:
             clock = self.clock()
             verdict = self._verdict(result, clock)
-            latency_ms = (time.perf_counter() - received) * 1000
-            record = self.journal.append_verdict(
-                verdict,
-                station=station or self.config.device.station,
-                recorded_at=clock.now,
-                latency_ms=latency_ms,
-            )
-            if verdict.outcome == Outcome.ADMIT:
-                for code_id in verdict.code_ids:
-                    self._last_admit[code_id] = clock.now
-            log.info(
-                "verdict_recorded",
-                seq=record.seq,
-                verdict=record.verdict,
-                reasons=list(record.reasons),
-                station=record.station,
-                device=record.device_id,
-                latency_ms=round(latency_ms, 3),
-                detail=verdict.detail or None,
-            )
             source_time = result.seen_at if isinstance(result, Lone) else at
-            events.append(VerdictEvent(record, verdict, record.station, source_time))
+            events.append(self._record(verdict, clock, station, source_time, received))
         self._forget_old_admits()
         return events
+
+    def process_read_error(
+        self, error: ReadError, *, station: str, at: float, received: float
+    ) -> list[VerdictEvent]:
+        """Record a scanner read that gave no usable payload, so the guard still gets feedback."""
+        verdict = Verdict(
+            outcome=Outcome.UNRECOGNISED, reasons=(error.reason,), detail=error.detail
+        )
+        return [self._record(verdict, self.clock(), station, at, received)]
+
+    def _record(
+        self,
+        verdict: Verdict,
+        clock: ClockReading,
+        station: str | None,
+        source_time: float,
+        received: float,
+    ) -> VerdictEvent:
+        latency_ms = (time.perf_counter() - received) * 1000
+        record = self.journal.append_verdict(
+            verdict,
+            station=station or self.config.device.station,
+            recorded_at=clock.now,
+            latency_ms=latency_ms,
+        )
+        if verdict.outcome == Outcome.ADMIT:
+            for code_id in verdict.code_ids:
+                self._last_admit[code_id] = clock.now
+        log.info(
+            "verdict_recorded",
+            seq=record.seq,
+            verdict=record.verdict,
+            reasons=list(record.reasons),
+            station=record.station,
+            device=record.device_id,
+            latency_ms=round(latency_ms, 3),
+            detail=verdict.detail or None,
+        )
+        return VerdictEvent(record, verdict, record.station, source_time)
 
     def _verdict(self, result: PairingResult, clock: ClockReading) -> Verdict:
         if isinstance(result, Pair):

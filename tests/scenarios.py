@@ -7,6 +7,7 @@ their rows from ``ROWS`` here, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import struct
@@ -18,9 +19,12 @@ from typing import Any, Protocol
 import base45
 from nacl.signing import SigningKey
 
+from edgenode.cache import import_snapshot
 from edgenode.codes import PREFIX, Rejection, Role, key_id_for, parse_payload, sign_body
+from edgenode.config import Config, parse_config
 from edgenode.district import issuer_record, read_key, write_key
 from edgenode.policy import BUILD_TIMESTAMP
+from edgenode.snapshot import write_snapshot
 
 DAY = 86_400
 SITE = "XH-0012"
@@ -410,6 +414,43 @@ ROWS: dict[str, Callable[[Site], Scenario]] = {
     "truncated": lambda s: Scenario([[s.health()[:-6]]]),
     "milliseconds": _milliseconds,
 }
+
+
+def site_config(site: Site, **sections: Any) -> Config:
+    """A device config for the site, with state in its folder and the city token pattern."""
+    key_b64 = base64.b64encode(site.district_public_key()).decode()
+    return parse_config(
+        {
+            "device": {
+                "id": "gate-test",
+                "site": SITE,
+                "station": "north",
+                "state_dir": str(site.folder / "state"),
+            },
+            "trust": {"district_keys": [key_b64]},
+            "policy": {"token_patterns": [{"name": "city", "regex": TOKEN_PATTERN}]},
+            **sections,
+        }
+    )
+
+
+def build_cache(site: Site, scenario: Scenario, config: Config) -> None:
+    """Write the scenario's signed snapshot and import it, unless the cache stays empty."""
+    snapshot = site.folder / "snapshot.ensnap"
+    issued_at = site.now - scenario.snapshot_age_s
+    write_snapshot(
+        snapshot,
+        merge_records(site.base_records(), scenario.extra_records),
+        site=SITE,
+        version=1,
+        issued_at=issued_at,
+        valid_until=issued_at + scenario.snapshot_valid_for,
+        signing_key=read_key(site.keys["district"]),
+    )
+    if scenario.import_cache:
+        import_snapshot(
+            config.cache_path, snapshot, config.trust.district_key_bytes(), site=SITE, now=site.now
+        )
 
 
 @dataclass(frozen=True)

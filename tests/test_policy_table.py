@@ -7,69 +7,28 @@ from pathlib import Path
 
 import pytest
 
-from edgenode.cache import Cache, import_snapshot
-from edgenode.config import Config, parse_config
+from edgenode.cache import Cache
 from edgenode.decoders import create_decoder
 from edgenode.journal import Journal
 from edgenode.pipeline import Gate, VerdictEvent
 from edgenode.policy import ClockReading
-from edgenode.snapshot import write_snapshot
 from tests.scenarios import (
     ROWS,
-    SITE,
-    TOKEN_PATTERN,
     DirectMinter,
     Scenario,
     Site,
     TableRow,
-    merge_records,
+    build_cache,
     read_policy_table,
+    site_config,
 )
 
 TABLE = read_policy_table()
 
 
-def site_config(state_dir: Path, district_key_b64: str) -> Config:
-    return parse_config(
-        {
-            "device": {
-                "id": "gate-test",
-                "site": SITE,
-                "station": "north",
-                "state_dir": str(state_dir),
-            },
-            "trust": {"district_keys": [district_key_b64]},
-            "policy": {"token_patterns": [{"name": "city", "regex": TOKEN_PATTERN}]},
-        }
-    )
-
-
-def build_cache(site: Site, scenario: Scenario, config: Config) -> None:
-    snapshot = site.folder / "snapshot.ensnap"
-    issued_at = site.now - scenario.snapshot_age_s
-    from edgenode.district import read_key
-
-    write_snapshot(
-        snapshot,
-        merge_records(site.base_records(), scenario.extra_records),
-        site=SITE,
-        version=1,
-        issued_at=issued_at,
-        valid_until=issued_at + scenario.snapshot_valid_for,
-        signing_key=read_key(site.keys["district"]),
-    )
-    if scenario.import_cache:
-        import_snapshot(
-            config.cache_path, snapshot, config.trust.district_key_bytes(), site=SITE, now=site.now
-        )
-
-
 def run_scenario(site: Site, scenario: Scenario) -> list[VerdictEvent]:
     """Feed the scenario's scans into a Gate and return every verdict it recorded."""
-    import base64
-
-    key_b64 = base64.b64encode(site.district_public_key()).decode()
-    config = site_config(site.folder / "state", key_b64)
+    config = site_config(site)
     build_cache(site, scenario, config)
     clock_now = [float(site.now + scenario.clock_offset_s)]
 

@@ -1,0 +1,225 @@
+"""The gate daemon: every configured source feeds one pipeline that decides and records.
+
+Start-up, in order: open the cache and the journal, build the gate, start one supervised task
+per source, the pipeline task and the pairing ticker. Shut-down undoes it in reverse: sources
+are cancelled first (so nothing new arrives), the queued scans are decided, lone codes still
+waiting for a partner are resolved as incomplete, and the journal is closed. A second SIGTERM
+or SIGINT during that ends the process at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from edgenode.cache import Cache
+from edgenode.config import Config
+from edgenode.decoders import create_decoder
+from edgenode.journal import Journal
+from edgenode.pipeline import Gate, VerdictEvent
+from edgenode.sources import ScanEvent, Source, SourceState
+
+log = structlog.get_logger("edgenode.daemon")
+
+# Exit code when a second signal forces the exit before the clean stop finished.
+EXIT_FORCED = 130
+QUEUE_SIZE = 1024
+TICK_INTERVAL_S = 0.2
+RESTART_BACKOFF_MAX_S = 30.0
+
+VerdictListener = Callable[[VerdictEvent], None]
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        sources: Sequence[Source],
+        *,
+        listeners: Sequence[VerdictListener] = (),
+    ) -> None:
+        self.config = config
+        self.sources = list(sources)
+        self.listeners = list(listeners)
+        self.scans_dropped = 0
+        self._stop = asyncio.Event()
+        self._signals = 0
+        # One thread owns the SQLite connections, so verdicts are recorded in arrival order
+        # and a slow fsync never stalls the event loop that the scanners depend on.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._queue: asyncio.Queue[ScanEvent] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._cache: Cache | None = None
+        self._journal: Journal | None = None
+        self._gate: Gate | None = None
+
+    # --- life cycle ---
+
+    def open(self) -> None:
+        """Open the cache and the journal. Errors here are start-up failures."""
+        self._cache = Cache(self.config.cache_path)
+        self._cache.refresh()
+        self._journal = Journal(self.config.journal_path, self.config.device.id)
+        decoder = create_decoder(self.config.decoder.backend)
+        self._gate = Gate(self.config, self._cache, self._journal, decoder)
+        if self._cache.is_empty():
+            log.warning("cache_empty", path=str(self.config.cache_path))
+
+    async def run(self) -> None:
+        """Run until stop() is called or a signal arrives, then stop cleanly."""
+        if self._gate is None:
+            self.open()
+        loop = asyncio.get_running_loop()
+        self._install_signal_handlers(loop)
+        log.info(
+            "daemon_started",
+            device=self.config.device.id,
+            site=self.config.device.site,
+            sources=[source.name for source in self.sources],
+        )
+        source_tasks = [
+            asyncio.create_task(self._supervise(source), name=f"source:{source.name}")
+            for source in self.sources
+        ]
+        pipeline = asyncio.create_task(self._consume(), name="pipeline")
+        ticker = asyncio.create_task(self._tick(), name="pairing-ticker")
+        try:
+            await self._stop.wait()
+        finally:
+            # Sources first, so that nothing new arrives while the queue drains.
+            for task in source_tasks:
+                task.cancel()
+            await asyncio.gather(*source_tasks, return_exceptions=True)
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            await self._queue.join()
+            pipeline.cancel()
+            await asyncio.gather(pipeline, return_exceptions=True)
+            await self._in_pipeline(self._flush)
+            self._close()
+            log.info("daemon_stopped", device=self.config.device.id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (NotImplementedError, RuntimeError):
+                return  # Not the main thread (tests): the caller stops the daemon itself.
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("stop_requested", signal=signal.Signals(signum).name)
+            self.stop()
+            return
+        log.warning("forced_exit", signal=signal.Signals(signum).name)
+        os._exit(EXIT_FORCED)
+
+    def _close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+        if self._cache is not None:
+            self._cache.close()
+        self._executor.shutdown(wait=True)
+
+    # --- the pipeline ---
+
+    def emit(self, event: ScanEvent) -> None:
+        """Queue a scan from a source. Called on the event loop's thread; never blocks."""
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.scans_dropped += 1
+            log.error(
+                "scan_dropped",
+                source=event.source,
+                queued=self._queue.qsize(),
+                dropped_total=self.scans_dropped,
+            )
+
+    async def _consume(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self._in_pipeline(self._process, event)
+            except Exception as exc:  # A bad scan must not stop the gate.
+                log.exception("scan_failed", source=event.source, error=repr(exc))
+            finally:
+                self._queue.task_done()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            await self._in_pipeline(self._expire)
+
+    async def _in_pipeline(self, function: Callable[..., None], *args: object) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, function, *args)
+
+    def _require_gate(self) -> Gate:
+        if self._gate is None:
+            raise RuntimeError("Daemon.open() was not called")
+        return self._gate
+
+    def _process(self, event: ScanEvent) -> None:
+        gate = self._require_gate()
+        station = self.config.device.station
+        if event.read_error is not None:
+            events = gate.process_read_error(
+                event.read_error, station=station, at=event.captured_at, received=event.received
+            )
+        else:
+            events = gate.process_payloads(
+                event.payloads, station=station, at=event.captured_at, received=event.received
+            )
+        self._notify(events)
+
+    def _expire(self) -> None:
+        self._notify(self._require_gate().tick(time.monotonic()))
+
+    def _flush(self) -> None:
+        if self._gate is not None:
+            self._notify(self._gate.flush(time.monotonic()))
+
+    def _notify(self, events: list[VerdictEvent]) -> None:
+        for event in events:
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception as exc:
+                    log.exception("listener_failed", seq=event.record.seq, error=repr(exc))
+
+    # --- sources ---
+
+    async def _supervise(self, source: Source) -> None:
+        """Run a source, restarting it with capped backoff if it fails unexpectedly.
+
+        Sources handle unplugs themselves; this catches the failures they did not expect.
+        """
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await source.run(self.emit)
+                log.warning("source_ended", source=source.name)
+            except asyncio.CancelledError:
+                source.status.state = SourceState.STOPPED
+                raise
+            except Exception as exc:
+                source.status.state = SourceState.DISCONNECTED
+                source.status.last_error = repr(exc)
+                log.exception("source_failed", source=source.name, error=repr(exc))
+            if time.monotonic() - started > 60:
+                failures = 0
+            failures += 1
+            delay = random.uniform(0, min(RESTART_BACKOFF_MAX_S, 0.5 * 2**failures))
+            await asyncio.sleep(delay)
