@@ -134,7 +134,10 @@ class Daemon:
     # --- the pipeline ---
 
     def emit(self, event: ScanEvent) -> None:
-        """Queue a scan from a source. Called on the event loop's thread; never blocks."""
+        """Queue a scan from a source, on the event loop's thread.
+
+        It never blocks: when the queue is full the scan is dropped, logged and counted.
+        """
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:

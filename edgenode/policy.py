@@ -13,7 +13,6 @@ from typing import Protocol
 
 from edgenode.cache import DatasetInfo, HealthStatus, IssuerKey, Resident, TokenRecord
 from edgenode.codes import (
-    CodeType,
     Colour,
     CommunityCode,
     HealthCode,
@@ -52,7 +51,7 @@ _ACTION_SEVERITY: dict[Action, _Severity] = {
 
 
 class CacheView(Protocol):
-    """What the policy reads from the cache; ``edgenode.cache.Cache`` implements it."""
+    """Cache lookups that the policy needs. ``edgenode.cache.Cache`` implements them."""
 
     def is_empty(self) -> bool: ...
     def issuer(self, key_id: bytes) -> IssuerKey | None: ...
@@ -107,7 +106,7 @@ class _Findings:
         return tuple(reason for _, (_, reason) in ordered)
 
 
-# Returns the wall-clock time at which a code id last led to a verdict at this gate, if any.
+# Wall-clock time at which a code id was last admitted at this gate, or None.
 LastUse = Callable[[bytes], float | None]
 
 
@@ -353,6 +352,3 @@ def unrecognised(rejection: Rejection, clock_trusted: bool = True) -> Verdict:
         detail=rejection.detail,
     )
 
-
-def code_type_of(code: HealthCode | PlatformToken | CommunityCode) -> CodeType:
-    return CodeType.COMMUNITY if isinstance(code, CommunityCode) else CodeType.HEALTH
