@@ -65,7 +65,7 @@ def run_measured(command: list[str], timeout_s: float) -> ChildRun:
             if time.perf_counter() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
                 os.wait4(process.pid, 0)
-                raise TimeoutError(f"{command[:3]} did not finish within {timeout_s:.0f} s")
+                raise TimeoutError(f"{' '.join(command[:4])} timed out after {timeout_s:.0f} s")
             time.sleep(POLL_S)
         wall_s = time.perf_counter() - start
         # Popen must not wait for a process that os.wait4 has already reaped.
