@@ -81,11 +81,9 @@ class SignedCode:
     subject: bytes
     signed_part: bytes
     signature: bytes
-
-    @property
-    def code_id(self) -> bytes:
-        """Identifier for revocation and replay checks: a hash, never the payload itself."""
-        return hashlib.sha256(self.signed_part + self.signature).digest()[:CODE_ID_LEN]
+    # Identifier for revocation and replay checks: a hash, never the payload itself. It is
+    # computed once at parse time because the policy reads it several times per decision.
+    code_id: bytes
 
     @property
     def dynamic(self) -> bool:
@@ -137,6 +135,10 @@ class TokenPattern:
 
     name: str
     regex: re.Pattern[str]
+
+
+def code_id_of(signed_part: bytes, signature: bytes) -> bytes:
+    return hashlib.sha256(signed_part + signature).digest()[:CODE_ID_LEN]
 
 
 def key_id_for(public_key: bytes) -> bytes:
@@ -267,6 +269,7 @@ def _parse_health(
         colour=Colour(colour),
         signed_part=signed,
         signature=signature,
+        code_id=code_id_of(signed, signature),
         **common,  # type: ignore[arg-type]
     )
 
@@ -300,6 +303,7 @@ def _parse_community(
         unit=fields[2],
         signed_part=signed,
         signature=signature,
+        code_id=code_id_of(signed, signature),
         **common,  # type: ignore[arg-type]
     )
 
