@@ -234,6 +234,48 @@ class DisplayConfig(_Strict):
     language: Language = Field(default="zh_CN", description="Language of the guard's messages.")
 
 
+class TlsConfig(_Strict):
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate file; the system's CAs when unset."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate file.")
+    key_file: Path | None = Field(default=None, description="Client certificate's key file.")
+
+
+class SyncConfig(_Strict):
+    enabled: bool = Field(default=False, description="Sync with the district over MQTT.")
+    broker_host: str = Field(default="localhost", description="MQTT broker host name.")
+    broker_port: Annotated[int, Field(ge=1, le=65_535)] = 8883
+    tls: TlsConfig | None = Field(
+        default=None, description="TLS settings; plain TCP when unset (for tests only)."
+    )
+    username: str | None = None
+    password_file: Path | None = Field(
+        default=None, description="File holding the broker password, readable by the owner."
+    )
+    keepalive_s: Annotated[int, Field(ge=5, le=1_200)] = Field(
+        default=30, description="MQTT keepalive; a silent broker is detected within 1.5x."
+    )
+    reconnect_max_s: Annotated[float, Field(ge=1, le=600)] = Field(
+        default=60.0, description="Upper bound of the reconnect backoff, in seconds."
+    )
+    batch_max_records: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=500, description="Records per uplink batch."
+    )
+    drain_records_per_s: Annotated[float, Field(ge=1, le=1_000_000)] = Field(
+        default=2_000.0, description="Rate limit when draining a backlog, in records per second."
+    )
+    ack_timeout_s: Annotated[float, Field(ge=1, le=3_600)] = Field(
+        default=30.0, description="A batch without the district's ack is sent again after this."
+    )
+    outbox_alarm_records: Annotated[int, Field(ge=100, le=100_000_000)] = Field(
+        default=1_000_000, description="Unsent records beyond this raise the outbox_full alarm."
+    )
+    clock_skew_alarm_s: Annotated[float, Field(ge=1, le=86_400)] = Field(
+        default=120.0, description="District time further off than this raises an alarm."
+    )
+
+
 class Config(_Strict):
     device: DeviceConfig
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -241,6 +283,7 @@ class Config(_Strict):
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Input sources that `edgenode run` reads."
     )
@@ -261,6 +304,10 @@ class Config(_Strict):
     @property
     def journal_path(self) -> Path:
         return self.device.state_dir / "journal.db"
+
+    @property
+    def device_key_path(self) -> Path:
+        return self.device.state_dir / "device.key"
 
 
 @dataclass(frozen=True, slots=True)
