@@ -7,6 +7,9 @@ never loads OpenCV's capture code and a machine without evdev can still run seri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from edgenode.codes import TokenPattern
 from edgenode.config import (
     CameraSourceConfig,
     HidSourceConfig,
@@ -18,9 +21,18 @@ from edgenode.decoders import create_decoder
 from edgenode.sources import Source
 
 
-def create_source(config: SourceConfig, decoder_backend: str) -> Source:
-    """Build the source for one config entry. Frame sources get a decoder of their own,
-    because each decodes in a worker thread of its own."""
+def create_source(
+    config: SourceConfig,
+    *,
+    decoder_backend: str,
+    token_patterns: Sequence[TokenPattern] = (),
+) -> Source:
+    """Build the source for one config entry.
+
+    Frame sources get a decoder of their own, because each decodes in a worker thread of its
+    own. Keyboard-wedge scanners use the token patterns to tell a platform URL typed in the
+    wrong keyboard layout from an unrecognised one.
+    """
     if isinstance(config, CameraSourceConfig):
         from drivers.camera import CameraSource
 
@@ -32,7 +44,7 @@ def create_source(config: SourceConfig, decoder_backend: str) -> Source:
     if isinstance(config, HidSourceConfig):
         from drivers.hid_scanner import HidScanner
 
-        return HidScanner(config)
+        return HidScanner(config, token_patterns=token_patterns)
     if isinstance(config, SerialSourceConfig):
         from drivers.serial_scanner import SerialScanner
 

@@ -270,7 +270,11 @@ def _build_sources(config: Config, names: Sequence[str] | None = None) -> list[A
             raise CommandError(
                 f"unknown source {', '.join(unknown)}; configured: {known}", EXIT_USAGE
             )
-    return [create_source(source, config.decoder.backend) for source in chosen]
+    patterns = config.policy.compiled_token_patterns()
+    return [
+        create_source(source, decoder_backend=config.decoder.backend, token_patterns=patterns)
+        for source in chosen
+    ]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
