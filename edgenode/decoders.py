@@ -99,10 +99,10 @@ def check_frame(frame: object) -> Frame:
 # to 2.2 ms, and two-code frames from 3.4 to 2.5 ms. The corpus still reads 238 of 253
 # photos and 238 of their inverted copies, as before. Per step on idle frames: the
 # comparison about 0.1 ms, luma or the minimum channel 0.5 ms each, and one zxing-cpp pass
-# with try_invert about 2.1 ms. Ideas that were measured the same way and dropped: the
-# minimum channel alone read only 233 inverted photos; a (min + luma) / 2 blend in one pass
-# took 3.8 ms against 3.4 ms for the minimum channel alone; a half-size first pass saw no
-# trace of 79 of the 469 corpus codes that full size reads; zxing-cpp's GlobalHistogram
+# with try_invert about 2.1 ms. Other ideas were measured the same way and dropped. The
+# minimum channel alone read only 233 inverted photos. A (min + luma) / 2 blend in one pass
+# took 3.8 ms, against 3.4 ms for the minimum channel alone. A half-size first pass saw no
+# trace of 79 of the 469 corpus codes that full size reads. zxing-cpp's GlobalHistogram
 # binarizer was 2.5 times faster than LocalAverage but read only 217 corpus photos.
 # NOTE: the idle photos are mostly grey. A scene with tiles of both kinds (a yellow sign
 # and a red car on grey asphalt) costs both passes on every idle frame.
@@ -124,7 +124,7 @@ CONTRAST_RATIO = 0.8
 
 @dataclass(frozen=True, slots=True)
 class ChannelContrast:
-    """Which single-channel image shows, in some tile, contrast that the other one lacks."""
+    """Flags for each single-channel image: true if some tile has contrast the other lacks."""
 
     min_channel_gain: bool
     luma_gain: bool
@@ -170,7 +170,7 @@ def compare_channel_contrast(frame: Frame) -> ChannelContrast:
 
 @dataclass(frozen=True, slots=True)
 class PassResult:
-    """What one backend pass over one single-channel image found."""
+    """Outcome of one backend pass over one single-channel image."""
 
     symbols: list[DecodedSymbol]
     # True when the backend located a symbol that it could not decode, so the other
