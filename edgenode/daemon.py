@@ -176,6 +176,12 @@ class Daemon:
     def _process(self, event: ScanEvent) -> None:
         gate = self._require_gate()
         station = self.config.device.station
+        log.debug(
+            "scan_received",
+            source=event.source,
+            payloads=len(event.payloads),
+            read_error=None if event.read_error is None else str(event.read_error.reason),
+        )
         if event.read_error is not None:
             events = gate.process_read_error(
                 event.read_error, station=station, at=event.captured_at, received=event.received
