@@ -2,18 +2,20 @@
 
 A snapshot import builds a complete new database file beside the live one and renames it over
 the live one only after the snapshot's signature, body hash and every record have checked out.
-The rename is atomic, so a scan sees either the old cache or the new one, never half of each,
-and a rejected snapshot leaves the old cache in use. Readers notice the rename by the file's
-inode and reopen.
+A delta (``apply_changes``) copies the live file, applies every change to the copy in one
+transaction and renames the copy over the live file in the same way. The rename is atomic, so
+a scan sees either the old cache or the new one, never half of each, and a rejected snapshot
+or delta leaves the old cache in use. Readers notice the rename by the file's inode and reopen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,16 @@ from edgenode.snapshot import DATASETS, SnapshotError, SnapshotHeader, SnapshotR
 SCHEMA_VERSION = 1
 _BATCH = 5_000
 _COLOURS = {colour.name.lower(): colour for colour in Colour}
+# The primary-key column of each dataset's table, which a delta's delete record names.
+KEY_COLUMNS = {
+    "issuers": "key_id",
+    "health_status": "subject",
+    "residents": "subject",
+    "bindings": "health_subject",
+    "revocations": "code_id",
+    "platform_tokens": "token_hash",
+}
+_KEY_LENGTHS = {"key_id": 4, "subject": 16, "health_subject": 16, "code_id": 16, "token_hash": 32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +109,7 @@ CREATE TABLE platform_tokens (
 
 
 class CacheImportError(Exception):
-    """A snapshot was rejected; the cache in use is unchanged. ``reason`` is a stable code."""
+    """A rejected snapshot or delta. The cache in use is unchanged. ``reason`` is a stable code."""
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
@@ -198,6 +210,151 @@ def import_snapshot(
     os.replace(tmp_path, cache_path)
     _fsync_dir(cache_path.parent)
     return header
+
+
+def cache_version(cache_path: Path) -> int | None:
+    """Return the version of the data in the cache file, or None when there is no data.
+
+    After a snapshot or a delta every dataset has the same version, so this is the highest one.
+    """
+    if not cache_path.exists():
+        return None
+    with Cache(cache_path) as current:
+        versions = [info.version for info in current.datasets()]
+    return max(versions, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaTarget:
+    """The fields of a delta's signed header that its application needs."""
+
+    site: str
+    base_version: int
+    version: int
+    issued_at: int
+    valid_until: int
+    datasets: tuple[str, ...]
+
+
+def apply_changes(
+    cache_path: Path,
+    target: DeltaTarget,
+    changes: Iterable[Mapping[str, Any]],
+    *,
+    now: float | None = None,
+) -> None:
+    """Apply a delta's authenticated records to a copy of the cache, then swap the copy in.
+
+    Each change has ``op`` "upsert" (a full record, as in a snapshot) or "delete" (the
+    dataset and its key column). Raises CacheImportError, and the old cache stays in use,
+    with reason ``version_gap`` when the cache's version is not ``target.base_version``,
+    ``wrong_site`` for another site, or ``bad_record``. Errors raised while ``changes`` is
+    read propagate unchanged, also with the old cache in use.
+    """
+    synced_at = int(time.time() if now is None else now)
+    tmp_path = cache_path.with_name(cache_path.name + ".applying")
+    tmp_path.unlink(missing_ok=True)
+    current = cache_version(cache_path)
+    if current != target.base_version:
+        raise CacheImportError(
+            "version_gap",
+            f"delta {target.base_version} to {target.version} does not fit "
+            f"the cache's version {current}",
+        )
+    try:
+        shutil.copyfile(cache_path, tmp_path)
+        _apply_to_copy(tmp_path, target, changes, synced_at)
+        _fsync(tmp_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_path, cache_path)
+    _fsync_dir(cache_path.parent)
+
+
+def _apply_to_copy(
+    path: Path, target: DeltaTarget, changes: Iterable[Mapping[str, Any]], synced_at: int
+) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        # The copy is thrown away on any error, so it needs no journal on disk.
+        conn.execute("PRAGMA journal_mode=MEMORY")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN IMMEDIATE")
+        _check_copy(conn, target)
+        touched: set[str] = set()
+        for number, change in enumerate(changes, start=1):
+            touched.add(_apply_change(conn, number, change, target))
+        _record_versions(conn, target, touched, synced_at)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _check_copy(conn: sqlite3.Connection, target: DeltaTarget) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'site'").fetchone()
+    site = None if row is None else row[0]
+    if site != target.site:
+        raise CacheImportError(
+            "wrong_site", f"delta is for site {target.site!r}, the cache holds {site!r}"
+        )
+    (current,) = conn.execute("SELECT MAX(version) FROM datasets").fetchone()
+    if current != target.base_version:
+        raise CacheImportError(
+            "version_gap",
+            f"delta {target.base_version} to {target.version} does not fit "
+            f"the cache's version {current}",
+        )
+
+
+def _apply_change(
+    conn: sqlite3.Connection, number: int, change: Mapping[str, Any], target: DeltaTarget
+) -> str:
+    """Apply one change and return its dataset's name."""
+    dataset = change.get("dataset")
+    if dataset not in target.datasets:
+        raise CacheImportError(
+            "bad_record", f"delta record {number} is for {dataset!r}, not listed in the header"
+        )
+    op = change.get("op")
+    try:
+        if op == "upsert":
+            table, row = _row(dict(change))
+            columns = ", ".join(row)
+            marks = ", ".join("?" for _ in row)
+            conn.execute(
+                f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", tuple(row.values())
+            )
+            return table
+        if op == "delete":
+            table = str(dataset)
+            column = KEY_COLUMNS[table]
+            key = _hex(dict(change), column, _KEY_LENGTHS[column])
+            # NOTE: deleting a key that the cache lacks is a no-op, not an error: the end
+            # state is the same, and the version check has already matched the base.
+            conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
+            return table
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CacheImportError("bad_record", f"delta record {number} is invalid: {exc!r}") from exc
+    raise CacheImportError("bad_record", f"delta record {number} has unknown op {op!r}")
+
+
+def _record_versions(
+    conn: sqlite3.Connection, target: DeltaTarget, touched: set[str], synced_at: int
+) -> None:
+    """Move every dataset of the cache and of the delta to the delta's version."""
+    names = {row[0] for row in conn.execute("SELECT name FROM datasets")} | set(target.datasets)
+    for name in sorted(names):
+        previous = conn.execute("SELECT rows FROM datasets WHERE name = ?", (name,)).fetchone()
+        if previous is None or name in touched:
+            (rows,) = conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()
+        else:
+            rows = previous[0]
+        conn.execute(
+            "INSERT OR REPLACE INTO datasets "
+            "(name, version, issued_at, synced_at, valid_until, rows) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, target.version, target.issued_at, synced_at, target.valid_until, rows),
+        )
 
 
 def _check_header(cache_path: Path, header: SnapshotHeader, site: str | None) -> None:
