@@ -12,7 +12,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any
 from edgenode.policy import Verdict
 
 GENESIS_HASH = bytes(32)
+# Host parameters per statement, well below SQLite's default limit of 32,766.
+_SQL_CHUNK = 500
 
 # Numbered schema migrations. Each runs in the same transaction that records it.
 _MIGRATIONS: tuple[str, ...] = (
@@ -42,7 +44,20 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX records_recorded_at ON records (recorded_at);
     """,
+    # 2: the outbox. acked_at is set when the district's signed ack for the record arrives.
+    # It is not covered by the hash chain, so marking a record acked never changes its hash.
+    # The partial indexes keep the unacked records (the backlog) quick to page through even
+    # when millions of acked records precede them.
+    """
+    ALTER TABLE records ADD COLUMN acked_at REAL;
+    CREATE INDEX records_unacked ON records (seq) WHERE acked_at IS NULL;
+    CREATE INDEX records_unacked_deny ON records (seq) WHERE acked_at IS NULL AND verdict = 'deny';
+    CREATE TABLE outbox_state (name TEXT PRIMARY KEY, value REAL NOT NULL);
+    """,
 )
+
+# Upper bound on one page of unacked_records, so a caller never loads the whole backlog.
+MAX_PAGE_RECORDS = 10_000
 
 _COLUMNS = (
     "seq",
@@ -93,6 +108,15 @@ class JournalRecord:
             "latency_ms": None if self.latency_ms is None else round(float(self.latency_ms), 3),
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """An unacked record with its chain hashes, as the uplink sends it."""
+
+    record: JournalRecord
+    prev_hash: bytes
+    hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +267,87 @@ class Journal:
                 ChainProblem(high_water, f"records {expected_seq}..{high_water} missing at the end")
             )
         return problems
+
+    # --- the outbox ---
+
+    def unacked_records(
+        self, limit: int, *, after_seq: int = 0, deny_only: bool = False
+    ) -> list[OutboxRecord]:
+        """Return up to ``limit`` records without a district ack, in sequence order.
+
+        ``limit`` is capped at MAX_PAGE_RECORDS. ``deny_only`` selects the deny verdicts for
+        the priority lane.
+        """
+        limit = max(0, min(limit, MAX_PAGE_RECORDS))
+        deny_filter = " AND verdict = 'deny'" if deny_only else ""
+        rows = self._conn.execute(
+            f"SELECT {', '.join(_COLUMNS)}, prev_hash, hash FROM records "
+            f"WHERE acked_at IS NULL{deny_filter} AND seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [
+            OutboxRecord(_record(row[: len(_COLUMNS)]), bytes(row[-2]), bytes(row[-1]))
+            for row in rows
+        ]
+
+    def records_by_seq(self, seqs: Iterable[int]) -> list[OutboxRecord]:
+        """Return the unacked records among ``seqs``, in sequence order."""
+        wanted = sorted(set(seqs))
+        found: list[OutboxRecord] = []
+        for start in range(0, len(wanted), _SQL_CHUNK):
+            chunk = wanted[start : start + _SQL_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT {', '.join(_COLUMNS)}, prev_hash, hash FROM records "
+                f"WHERE acked_at IS NULL AND seq IN ({placeholders}) ORDER BY seq",
+                chunk,
+            ).fetchall()
+            found.extend(
+                OutboxRecord(_record(row[: len(_COLUMNS)]), bytes(row[-2]), bytes(row[-1]))
+                for row in rows
+            )
+        return found
+
+    def mark_acked(self, seqs: Iterable[int], acked_at: float) -> int:
+        """Mark records acked by the district, in one transaction. Return how many changed.
+
+        Seqs of records that do not exist, or that were acked before, change nothing.
+        """
+        wanted = sorted(set(seqs))
+        changed = 0
+        with transaction(self._conn) as conn:
+            for start in range(0, len(wanted), _SQL_CHUNK):
+                chunk = wanted[start : start + _SQL_CHUNK]
+                placeholders = ", ".join("?" * len(chunk))
+                cursor = conn.execute(
+                    f"UPDATE records SET acked_at = ? "
+                    f"WHERE acked_at IS NULL AND seq IN ({placeholders})",
+                    (acked_at, *chunk),
+                )
+                changed += cursor.rowcount
+            if changed:
+                conn.execute(
+                    "INSERT INTO outbox_state (name, value) VALUES ('last_ack_at', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (acked_at,),
+                )
+        return changed
+
+    def backlog_count(self) -> int:
+        """Count the records without a district ack."""
+        row = self._conn.execute("SELECT COUNT(*) FROM records WHERE acked_at IS NULL")
+        return int(row.fetchone()[0])
+
+    def oldest_unacked(self) -> JournalRecord | None:
+        found = self.unacked_records(1)
+        return found[0].record if found else None
+
+    def last_ack_at(self) -> float | None:
+        """Return when records were last marked acked (local clock), or None if never."""
+        row = self._conn.execute(
+            "SELECT value FROM outbox_state WHERE name = 'last_ack_at'"
+        ).fetchone()
+        return None if row is None else float(row[0])
 
     def close(self) -> None:
         self._conn.close()
