@@ -218,6 +218,10 @@ class _ThreadedFrameSource:
         finished: asyncio.Future[None] = loop.create_future()
         self._check_backend()
         self._stop.clear()
+        self._stalled.clear()
+        with self._condition:
+            self._newest = None
+            self._grabbing_done = False
         grabber = threading.Thread(
             target=self._grab_loop, args=(loop, finished), name=f"{self.name}-grabber"
         )
@@ -261,9 +265,9 @@ class _ThreadedFrameSource:
                     capture = self._connect()
                     if capture is None:
                         continue
-                ok, image = capture.read()
+                ok, image = self._read(capture)
                 captured_at, received = time.monotonic(), time.perf_counter()
-                if self._stalled.is_set() or not ok or image is None or image.size == 0:
+                if self._stalled.is_set() or not ok:
                     self._stalled.clear()
                     capture.release()
                     capture = None
@@ -284,6 +288,18 @@ class _ThreadedFrameSource:
             with self._condition:
                 self._grabbing_done = True
                 self._condition.notify_all()
+
+    def _read(self, capture: Capture) -> tuple[bool, Any]:
+        """Read one frame. An error raised by the driver counts as a failed read."""
+        try:
+            ok, image = capture.read()
+        except (OSError, cv2.error) as exc:
+            self.status.last_error = f"frame read failed: {exc}"
+            log.warning("frame_read_failed", source=self.name, error=str(exc))
+            return False, None
+        if not ok or image is None or image.size == 0:
+            return False, None
+        return True, image
 
     def _publish(self, grabbed: GrabbedFrame) -> None:
         with self._condition:
@@ -438,7 +454,7 @@ class CameraSource(_ThreadedFrameSource):
                 capture.release()
                 raise CaptureOpenError(f"cannot open camera {self.status.device}")
             self._configure(capture)
-        except (CaptureOpenError, cv2.error) as exc:
+        except (OSError, cv2.error) as exc:
             delay = backoff_delay(
                 self._failed_opens, self.config.reconnect_max_s, self._backoff_base_s
             )
@@ -503,7 +519,7 @@ class CameraSource(_ThreadedFrameSource):
     def _on_read_failure(self) -> bool:
         if self.status.state == SourceState.CONNECTED:
             self.status.state = SourceState.DISCONNECTED
-            self.status.last_error = "frame read failed"
+            self.status.last_error = self.status.last_error or "frame read failed"
             log.warning(
                 "source_disconnected",
                 source=self.name,

@@ -240,6 +240,34 @@ def test_camera_reconnects_after_unplug(pair_frame: Frame, empty_frame: Frame) -
     assert event_names.count("source_connected") == 2
 
 
+class RaisingCapture(FakeCapture):
+    """A capture whose driver raises cv2.error after `fail_after` frames."""
+
+    def read(self) -> tuple[bool, Any]:
+        if self.fail_after is not None and self.reads >= self.fail_after:
+            raise cv2.error("VIDIOC_DQBUF: No such device")
+        return super().read()
+
+
+def test_camera_reconnects_after_read_error(pair_frame: Frame) -> None:
+    captures: list[FakeCapture] = []
+
+    def open_capture() -> FakeCapture:
+        capture_type = FakeCapture if captures else RaisingCapture
+        capture = capture_type([pair_frame], fail_after=None if captures else 3)
+        captures.append(capture)
+        return capture
+
+    source = CameraSource(camera_config(), open_capture=open_capture, backoff_base_s=0.01)
+    with structlog.testing.capture_logs() as logs:
+        frames_until(source, lambda events: len(captures) == 2 and source.status.reads >= 5)
+
+    assert source.status.reconnects == 1
+    failures = [entry for entry in logs if entry["event"] == "frame_read_failed"]
+    assert len(failures) == 1
+    assert "No such device" in failures[0]["error"]
+
+
 def test_camera_reports_disconnected_while_unplugged(pair_frame: Frame) -> None:
     unplugged = threading.Event()
     replug = threading.Event()
