@@ -1,7 +1,7 @@
 """Camera and video-file input sources: frames in, `ScanEvent`s with decoded payloads out.
 
 Each source runs two threads. The grabber reads frames as fast as the capture delivers them
-and keeps only the newest, so capture does not wait for the decoder, and the decoder does not
+and keeps only the newest. So capture does not wait for the decoder, and the decoder does not
 work through a backlog of stale frames while a resident waits at the gate. The decode worker
 takes the newest frame, crops the region of interest, decodes it, and hands the payloads to
 the event loop only when it found codes.
