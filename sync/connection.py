@@ -140,6 +140,7 @@ class Connection:
         # Completed when the current connection is lost, so waiting publishes end at once.
         self._lost: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
+        self._was_connected = False
         self._first_connect = True
         self._repeats = _RepeatFilter()
         self._state_listeners: list[Callable[[ConnectionState], None]] = []
@@ -175,11 +176,11 @@ class Connection:
             client.publish(topic, payload, qos=qos, retain=retain, timeout=OPERATION_TIMEOUT_S)
         )
         try:
-            await asyncio.wait((sending, lost), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((sending, lost), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not sending.done():
                 sending.cancel()
-        if sending.cancelled():
+        if sending not in done:
             raise NotConnected(f"connection to {self._broker_name} lost during a publish")
         exc = sending.exception()
         if exc is not None:
@@ -199,9 +200,8 @@ class Connection:
             except (aiomqtt.MqttError, _BrokerSilent, OSError, TimeoutError) as exc:
                 error = _describe(exc)
             self.last_error = error
-            was_connected = self.connected
             self._set_state(ConnectionState.DISCONNECTED)
-            if was_connected:
+            if self._was_connected:
                 attempt = 0
                 log.warning("broker_disconnected", broker=self._broker_name, error=error)
                 self._repeats.reset()
@@ -253,6 +253,7 @@ class Connection:
         )
 
     async def _connect_and_serve(self) -> None:
+        self._was_connected = False
         packet_clock = _PacketClock()
         client = self._new_client(packet_clock)
         try:
@@ -288,8 +289,11 @@ class Connection:
             for task in done:
                 task.result()  # Re-raise the loss that ended the connection.
         finally:
+            # The state changes before the slow close, so publishers stop at once.
+            self._was_connected = self.connected
             self._client = None
             self._lost.set_result(None)
+            self._set_state(ConnectionState.DISCONNECTED)
             await self._close(client)
 
     async def _close(self, client: aiomqtt.Client) -> None:

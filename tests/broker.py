@@ -13,10 +13,19 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import pytest
+from nacl.signing import SigningKey
+
+from edgenode.config import SyncConfig
+from sync.connection import Connection, NotConnected
+from sync.protocol import MessageError, Topics, decode_message, encode_message, trusted
+from sync.uplink import seq_ranges
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
@@ -182,3 +191,101 @@ def password_broker(tmp_path: Path) -> Iterator[Broker]:
     finally:
         instance.resume()
         instance.kill()
+
+
+class IngestPeer:
+    """A stand-in for the district hub's ingest, until the hub exists.
+
+    It subscribes to one gate's uplink, checks the device signature, stores records by seq
+    (dropping duplicates) and, after storing, publishes a signed ack. ``acking = False`` stores
+    without acking, for the tests that send acks of their own.
+    """
+
+    def __init__(
+        self,
+        target: Broker,
+        *,
+        site: str,
+        device: str,
+        device_public_key: bytes,
+        district_key: SigningKey,
+    ) -> None:
+        self.topics = Topics(site, device)
+        self.district_key = district_key
+        self.trusted_keys = trusted(device_public_key)
+        self.acking = True
+        self.stored: dict[int, dict[str, Any]] = {}
+        self.received: Counter[int] = Counter()
+        self.batch_ids: list[str] = []
+        self.acks_sent: list[bytes] = []
+        self.alarms: list[dict[str, Any]] = []
+        self.lanes: list[tuple[str, int]] = []
+        self.batch_bytes = 0
+        self.batch_records = 0
+        self.rejected = 0
+        config = SyncConfig(
+            enabled=True, broker_host=target.host, broker_port=target.port, keepalive_s=5
+        )
+        self.connection = Connection(
+            config, site=site, device=f"ingest-{device}", backoff_base_s=0.1
+        )
+        self.connection.subscribe(self.topics.batches, self._on_message)
+        self.connection.subscribe(self.topics.priority, self._on_message)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(count - 1 for count in self.received.values())
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        assert isinstance(payload, bytes)
+        try:
+            body = decode_message(payload, self.trusted_keys)
+        except MessageError:
+            self.rejected += 1
+            return
+        if body["type"] == "alarm":
+            self.alarms.append(body)
+            return
+        if body["type"] != "batch" or body["device"] != self.topics.device:
+            self.rejected += 1
+            return
+        records = body["records"]
+        self.batch_ids.append(body["batch_id"])
+        self.batch_bytes += len(payload)
+        self.batch_records += len(records)
+        if records:
+            self.lanes.append((body["lane"], records[0]["seq"]))
+        for record in records:
+            self.received[record["seq"]] += 1
+            self.stored.setdefault(record["seq"], record)
+        if not self.acking:
+            return
+        ack = {
+            "type": "ack",
+            "site": body["site"],
+            "device": body["device"],
+            "batch_id": body["batch_id"],
+            "seqs": seq_ranges(record["seq"] for record in records),
+            "district_time": time.time(),
+        }
+        encoded = encode_message(ack, self.district_key)
+        try:
+            await self.connection.publish(self.topics.acks, encoded)
+        except NotConnected:
+            return  # The gate sends the batch again after its ack timeout.
+        self.acks_sent.append(encoded)
+
+    def chain_problems(self) -> list[str]:
+        """Check that the stored records link into one chain from seq 1, without gaps."""
+        problems = []
+        previous_hash = "00" * 32
+        for expected, seq in enumerate(sorted(self.stored), start=1):
+            if seq != expected:
+                problems.append(f"seq {expected} missing")
+                break
+            record = self.stored[seq]
+            if record["prev_hash"] != previous_hash:
+                problems.append(f"seq {seq} does not link to seq {seq - 1}")
+            previous_hash = record["hash"]
+        return problems
