@@ -228,8 +228,9 @@ class Connection:
         return f"{self.sync.broker_host}:{self.sync.broker_port}"
 
     def _new_client(self, packet_clock: _PacketClock) -> aiomqtt.Client:
-        paho_logger = logging.getLogger(f"sync.connection.paho.{id(packet_clock)}")
-        paho_logger.setLevel(logging.DEBUG)
+        # A logger outside logging's registry, so one per connect attempt is freed with the
+        # client. It feeds only the packet clock and prints nothing.
+        paho_logger = logging.Logger("sync.connection.paho", level=logging.DEBUG)
         paho_logger.propagate = False
         paho_logger.addHandler(packet_clock)
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

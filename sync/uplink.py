@@ -483,7 +483,8 @@ class Uplink:
             self._reject_ack("unknown_batch", batch_id)
             return
         try:
-            acked = expand_ranges(body.get("seqs"), len(batch.seqs)) & batch.seqs
+            span = max(batch.seqs) - min(batch.seqs) + 1
+            acked = expand_ranges(body.get("seqs"), span) & batch.seqs
         except ValueError:
             self._reject_ack("bad_body", batch_id)
             return
