@@ -394,6 +394,8 @@ class Downlink:
         version, with no transfer in progress that could bridge the gap, leads to a snapshot
         request.
         """
+        # Another program, such as a manual snapshot import, may have replaced the cache.
+        self._version = await asyncio.to_thread(cache_version, self.cache_path)
         for _ in range(len(self._transfers) + 1):
             ready = [transfer for transfer in self._transfers.values() if transfer.assembled]
             fitting = [transfer for transfer in ready if self._fits(transfer.info)]
@@ -451,6 +453,15 @@ class Downlink:
             version=info.version,
             base_version=info.base_version,
         )
+        for other in list(self._transfers.values()):
+            if other.info.version <= info.version:
+                self._discard(other.info.transfer_id)
+                log.info(
+                    "transfer_superseded",
+                    transfer_id=other.info.transfer_id,
+                    version=other.info.version,
+                    cache_version=info.version,
+                )
 
     def _apply_file(self, transfer: _Transfer) -> None:
         """Check the file's signed header against its messages, then commit it to the cache."""

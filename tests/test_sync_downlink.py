@@ -391,6 +391,24 @@ def test_corrupt_file_is_rejected(tmp_path: Path, broker_port: int) -> None:
     run(scenario)
 
 
+def test_snapshot_supersedes_older_transfers(tmp_path: Path, broker_port: int) -> None:
+    site = Site(tmp_path)
+
+    async def scenario() -> None:
+        gate = await start_gate(site, broker_port)
+        async with district(site, broker_port) as hub:
+            await hub.publish(site.chunks(site.snapshot(2), "snapshot", 2)[:1])
+            await wait_until(lambda: bool(gate.downlink.status()["transfers"]), "a transfer")
+
+            await hub.publish(site.chunks(site.snapshot(3), "snapshot", 3))
+            await wait_until(applied(gate, 3), "snapshot 3 in the cache")
+            assert gate.downlink.status()["transfers"] == []
+            assert list((site.folder / "spool").iterdir()) == []
+        await gate.stop()
+
+    run(scenario)
+
+
 def test_version_gap_requests_snapshot(tmp_path: Path, broker_port: int) -> None:
     site = Site(tmp_path)
 
