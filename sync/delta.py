@@ -11,37 +11,26 @@ dataset's key column (``KEY_COLUMNS`` in edgenode/cache.py), for example
 
 from __future__ import annotations
 
-import base64
-import gzip
-import hashlib
-import io
-import json
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from edgenode.cache import KEY_COLUMNS, CacheImportError, DeltaTarget, apply_changes
-from edgenode.codes import key_id_for
+from edgenode.signed_file import FileKind, SignedFileError, SignedFileReader, write_signed_file
 from edgenode.snapshot import DATASETS
 
 MAGIC = b"EDGENODE-DELTA 1\n"
-FORMAT = "edgenode-delta"
-MAX_HEADER_LEN = 64 * 1024
 OPS = ("upsert", "delete")
 
 
-class DeltaError(Exception):
+class DeltaError(SignedFileError):
     """A delta file that cannot be applied. ``reason`` is a stable snake_case code."""
 
-    def __init__(self, path: Path, reason: str, message: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {message}")
+
+DELTA = FileKind(magic=MAGIC, format="edgenode-delta", label="delta", error=DeltaError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +54,6 @@ class DeltaHeader:
             valid_until=self.valid_until,
             datasets=self.datasets,
         )
-
-
-def _canonical(header: Mapping[str, Any]) -> bytes:
-    unsigned = {key: value for key, value in header.items() if key != "signature"}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def _header_from(header: Mapping[str, Any]) -> DeltaHeader:
@@ -105,35 +89,19 @@ def write_delta(
     """
     if not 0 < base_version < version:
         raise ValueError(f"version {version} must follow base_version {base_version}")
-    buffer = io.BytesIO()
-    count = 0
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as body:
-        for record in records:
-            _check_record_shape(record, datasets)
-            body.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
-            body.write(b"\n")
-            count += 1
-    compressed = buffer.getvalue()
-    header: dict[str, Any] = {
-        "format": FORMAT,
+    fields = {
         "site": site,
         "base_version": base_version,
         "version": version,
         "issued_at": issued_at,
         "valid_until": valid_until,
-        "key_id": key_id_for(bytes(signing_key.verify_key)).hex(),
-        "body_sha256": hashlib.sha256(compressed).hexdigest(),
-        "record_count": count,
         "datasets": list(datasets),
     }
-    signature = signing_key.sign(_canonical(header)).signature
-    header["signature"] = base64.b64encode(signature).decode("ascii")
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as out:
-        out.write(MAGIC)
-        out.write(json.dumps(header, sort_keys=True).encode("utf-8") + b"\n")
-        out.write(compressed)
-    os.replace(tmp, path)
+
+    def check_record(record: Mapping[str, Any]) -> None:
+        _check_record_shape(record, datasets)
+
+    header = write_signed_file(path, DELTA, records, fields, signing_key, check_record)
     return _header_from(header)
 
 
@@ -148,95 +116,24 @@ def _check_record_shape(record: Mapping[str, Any], datasets: Sequence[str]) -> N
         raise ValueError(f"delete in {dataset} lacks its key {KEY_COLUMNS[str(dataset)]!r}")
 
 
-class DeltaReader:
-    """Verify a delta's header signature and body hash, then stream its records.
+class DeltaReader(SignedFileReader):
+    """Verify a delta's signature and body hash, then stream its records."""
 
-    Both checks run when the reader is created, so every record it yields is authenticated.
-    """
+    kind = DELTA
 
     def __init__(self, path: Path, trusted_keys: Sequence[bytes]) -> None:
-        self.path = path
-        try:
-            self._file: IO[bytes] = path.open("rb")
-        except FileNotFoundError as exc:
-            raise DeltaError(path, "file_not_found", "delta file not found") from exc
-        except OSError as exc:
-            raise DeltaError(path, "unreadable", f"cannot read delta: {exc}") from exc
-        try:
-            self.header = self._read_header(trusted_keys)
-            self._body_offset = self._file.tell()
-            self._check_body_hash()
-        except BaseException:
-            self._file.close()
-            raise
+        super().__init__(path, trusted_keys)
+        self.header = _header_from(self.raw_header)
 
-    def _fail(self, reason: str, message: str) -> DeltaError:
-        return DeltaError(self.path, reason, message)
-
-    def _read_header(self, trusted_keys: Sequence[bytes]) -> DeltaHeader:
-        if self._file.read(len(MAGIC)) != MAGIC:
-            raise self._fail("not_a_delta", "not an edgenode delta (bad magic line)")
-
-        line = self._file.readline(MAX_HEADER_LEN)
-        try:
-            raw = json.loads(line)
-            signature = base64.b64decode(raw["signature"], validate=True)
-            header = _header_from(raw)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise self._fail("bad_header", f"delta header is invalid: {exc}") from exc
-        if raw.get("format") != FORMAT:
-            raise self._fail("bad_header", "delta header has the wrong format name")
+    def check_header(self, raw: Mapping[str, Any]) -> None:
+        header = _header_from(raw)
         unknown = set(header.datasets) - set(DATASETS)
         if unknown:
-            raise self._fail("bad_header", f"unknown datasets: {sorted(unknown)}")
-
+            raise ValueError(f"unknown datasets: {sorted(unknown)}")
         if not 0 < header.base_version < header.version:
-            raise self._fail(
-                "bad_header",
-                f"version {header.version} does not follow base_version {header.base_version}",
+            raise ValueError(
+                f"version {header.version} does not follow base_version {header.base_version}"
             )
-        keys = {key_id_for(key).hex(): key for key in trusted_keys}
-        key = keys.get(header.key_id)
-        if key is None:
-            raise self._fail(
-                "unknown_signer",
-                f"signed by key {header.key_id}, which is not a trusted district key",
-            )
-        try:
-            VerifyKey(key).verify(_canonical(raw), signature)
-        except (BadSignatureError, ValueError) as exc:
-            raise self._fail("bad_signature", "delta signature does not verify") from exc
-        return header
-
-    def _check_body_hash(self) -> None:
-        digest = hashlib.sha256()
-        while chunk := self._file.read(1 << 16):
-            digest.update(chunk)
-        if digest.hexdigest() != self.header.body_sha256:
-            raise self._fail("body_hash_mismatch", "delta body does not match its signed hash")
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Yield body records. Raises DeltaError for a corrupt body or a non-object record."""
-        count = 0
-        self._file.seek(self._body_offset)
-        try:
-            with gzip.GzipFile(fileobj=self._file, mode="rb") as body:
-                for line in body:
-                    try:
-                        record = json.loads(line)
-                    except ValueError as exc:
-                        raise self._fail("bad_record", f"record {count + 1}: {exc}") from exc
-                    if not isinstance(record, dict):
-                        raise self._fail("bad_record", f"record {count + 1} is not an object")
-                    count += 1
-                    yield record
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise self._fail("bad_body", f"delta body is corrupt: {exc}") from exc
-        if count != self.header.record_count:
-            raise self._fail("bad_body", f"{count} records, header says {self.header.record_count}")
-
-    def close(self) -> None:
-        self._file.close()
 
     def __enter__(self) -> DeltaReader:
         return self
