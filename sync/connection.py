@@ -36,9 +36,8 @@ log = structlog.get_logger("sync.connection")
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 BACKOFF_BASE_S = 0.5
-# Time allowed for the TCP connect and the CONNACK, and for a clean disconnect.
+# Time allowed for the CONNACK and for the broker's reply to a clean disconnect.
 CONNECT_TIMEOUT_S = 10.0
-DISCONNECT_TIMEOUT_S = 3.0
 # Timeout for one PUBACK or SUBACK while connected.
 OPERATION_TIMEOUT_S = 10.0
 WATCHDOG_INTERVAL_S = 0.25
@@ -257,10 +256,10 @@ class Connection:
         self._was_connected = False
         packet_clock = _PacketClock()
         client = self._new_client(packet_clock)
-        try:
-            await asyncio.wait_for(client.__aenter__(), timeout=CONNECT_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise aiomqtt.MqttError(f"no CONNACK within {CONNECT_TIMEOUT_S:g} s") from exc
+        # aiomqtt bounds this itself: paho's TCP connect times out after 5 s and the CONNACK
+        # wait after the client's timeout. An asyncio.wait_for around it could leave the task
+        # unable to finish a cancellation (seen with Python 3.11.7 and aiomqtt 2.5.1).
+        await client.__aenter__()
         self._lost = asyncio.get_running_loop().create_future()
         try:
             self._client = client
@@ -299,8 +298,9 @@ class Connection:
 
     async def _close(self, client: aiomqtt.Client) -> None:
         try:
-            await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_TIMEOUT_S)
-        except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
+            # Bounded by the client's timeout, like the connect.
+            await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError) as exc:
             # NOTE: when the broker never replies to the DISCONNECT, paho's socket is left to the
             # garbage collector; closing it through aiomqtt's private client would be worse.
             log.debug("broker_disconnect_unclean", broker=self._broker_name, error=_describe(exc))

@@ -15,7 +15,6 @@ thread append meanwhile) and uses it from one worker thread only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -349,8 +348,12 @@ class Uplink:
                 continue
             if sent:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._idle_wait_s())
+            # asyncio.wait, unlike wait_for in Python 3.11, never swallows a cancellation.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=self._idle_wait_s())
+            finally:
+                waiter.cancel()
 
     def _idle_wait_s(self) -> float:
         if not self._outstanding:
