@@ -6,7 +6,7 @@ registered topic again after each connect and passes incoming messages to their 
 lost connection is retried with capped exponential backoff and full jitter, so a fleet of gates
 that lost the same broker does not reconnect in lockstep.
 
-A broker that stops answering but keeps the TCP connection open is detected by a watchdog on
+A broker that stops sending but keeps the TCP connection open is detected by a watchdog on
 the time of the last packet received. paho-mqtt 2.x alone needs up to two keepalive intervals
 (it sends PINGREQ after one idle interval, then waits another for PINGRESP); the watchdog
 drops the connection once nothing has been received for 1.5 keepalive intervals.
@@ -302,7 +302,7 @@ class Connection:
             await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError) as exc:
             # NOTE: when the broker never replies to the DISCONNECT, paho's socket is left to the
-            # garbage collector; closing it through aiomqtt's private client would be worse.
+            # garbage collector. Closing it through aiomqtt's private client would be worse.
             log.debug("broker_disconnect_unclean", broker=self._broker_name, error=_describe(exc))
 
     async def _watch(self, packet_clock: _PacketClock) -> None:

@@ -1,7 +1,7 @@
 """The uplink: journal records to the district, with the journal itself as the outbox.
 
 A record leaves the outbox only when the district's signed ``ack`` for a batch that carried it
-arrives; a PUBACK from the broker does not count. Until then it is sent again after
+arrives. A PUBACK from the broker does not count. Until then it is sent again after
 ``ack_timeout_s``, in a batch with a new ``batch_id``, so the district may receive a record
 more than once and drops duplicates by (device, seq). Deny verdicts go first, on the priority
 topic. Draining a backlog is rate-limited by a token bucket, and at most ``WINDOW_BATCHES``
