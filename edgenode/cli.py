@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.files import SourceError, iter_file_frames
-from edgenode import district_cli
+from edgenode import district_cli, sync_cli
 from edgenode.cache import Cache, CacheImportError, import_snapshot
 from edgenode.cli_output import format_verdict_line, verdict_json
 from edgenode.config import Config, ConfigError, load_config
@@ -286,7 +286,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     if not config.sources:
         raise CommandError(tr.gettext("No [[sources]] in the config: nothing to read."), EXIT_USAGE)
-    daemon = Daemon(config, _build_sources(config))
+    listeners: list[Any] = []
+    services: list[Any] = []
+    clock = system_clock
+    if config.sync.enabled:
+        from sync.service import SyncService
+
+        sync = SyncService.from_config(config)
+        listeners.append(sync.on_verdict)
+        services.extend(sync.tasks())
+        clock = sync.clock
+    daemon = Daemon(
+        config, _build_sources(config), listeners=listeners, services=services, clock=clock
+    )
     try:
         daemon.open()
     except (JournalError, OSError, sqlite3.Error) as exc:
@@ -481,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_config_check)
 
     district_cli.add_commands(commands)
+    sync_cli.add_commands(commands)
     return parser
 
 

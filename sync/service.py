@@ -1,0 +1,66 @@
+"""The sync side of a gate, assembled from its config: connection, uplink and downlink.
+
+``edgenode run`` builds one ``SyncService`` when ``sync.enabled`` is set and hands the daemon
+its listener, its background tasks and its clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from edgenode.config import Config
+from edgenode.pipeline import VerdictEvent
+from edgenode.policy import ClockReading
+from sync.connection import Connection
+from sync.downlink import Downlink
+from sync.identity import ensure_device_key
+from sync.uplink import Uplink
+
+
+@dataclass(slots=True)
+class SyncService:
+    config: Config
+    connection: Connection
+    uplink: Uplink
+    downlink: Downlink
+
+    @classmethod
+    def from_config(cls, config: Config) -> SyncService:
+        """Create the device key if needed and wire the three parts together.
+
+        The uplink and downlink subscribe in their constructors, so both exist before the
+        connection runs.
+        """
+        device_key = ensure_device_key(config.device_key_path)
+        connection = Connection(config.sync, site=config.device.site, device=config.device.id)
+        uplink = Uplink.from_config(config, connection, device_key)
+        downlink = Downlink(
+            connection,
+            site=config.device.site,
+            device=config.device.id,
+            cache_path=config.cache_path,
+            state_dir=config.device.state_dir,
+            district_keys=config.trust.district_key_bytes(),
+            signing_key=device_key,
+            clock_skew_alarm_s=config.sync.clock_skew_alarm_s,
+        )
+        return cls(config, connection, uplink, downlink)
+
+    def on_verdict(self, event: VerdictEvent) -> None:
+        self.uplink.on_verdict(event)
+
+    def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        return [
+            ("mqtt-connection", self.connection.run),
+            ("uplink", self.uplink.run),
+            ("downlink", self.downlink.run),
+        ]
+
+    def clock(self) -> ClockReading:
+        """The wall clock, untrusted while the district's time disagrees beyond the limit."""
+        limit = self.config.sync.clock_skew_alarm_s
+        skews = (self.uplink.status().clock_skew_s, self.downlink.clock_skew_s)
+        synchronised = all(skew is None or abs(skew) <= limit for skew in skews)
+        return ClockReading(now=time.time(), synchronised=synchronised)
