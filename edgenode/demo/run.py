@@ -40,6 +40,7 @@ from edgenode.i18n import N_, Translator
 from edgenode.journal import Journal
 from edgenode.pipeline import Gate, VerdictEvent, scan_files
 from edgenode.snapshot import write_snapshot
+from sync.identity import ensure_device_key
 
 MARKER = ".edgenode-demo"
 SITE = "XH-0012"
@@ -298,6 +299,8 @@ def run_demo(folder: Path, *, people: int, tr: Translator, json_output: bool) ->
     )
 
     config = load_config(folder / "edgenode.toml")
+    # The device identity that signs uplink batches, as 'edgenode init' creates it.
+    ensure_device_key(config.device_key_path)
     keys = {role: read_key(folder / name) for role, name in KEY_FILES.items()}
     roster = json.loads((folder / "roster.json").read_text(encoding="utf-8"))
     minter = _Minter(keys["health"], keys["community"], roster, now)
