@@ -256,6 +256,11 @@ class Connection:
         self._was_connected = False
         packet_clock = _PacketClock()
         client = self._new_client(packet_clock)
+        # Handlers commit what a message carries before it is acknowledged, so a crash between
+        # arrival and commit makes the broker deliver the message again. aiomqtt 2.5 has no
+        # option for this, so it is set on the paho client that aiomqtt wraps.
+        # NOTE: `_client` is private to aiomqtt; recheck this line when upgrading aiomqtt.
+        client._client.manual_ack_set(True)
         # aiomqtt bounds this itself: paho's TCP connect times out after 5 s and the CONNACK
         # wait after the client's timeout. An asyncio.wait_for around it could leave the task
         # unable to finish a cancellation (seen with Python 3.11.7 and aiomqtt 2.5.1).
@@ -324,6 +329,10 @@ class Connection:
                     log.exception(
                         "message_handler_failed", topic=str(message.topic), error=repr(exc)
                     )
+            # Acknowledged once every handler has returned, after their commits. A handler
+            # that failed is acknowledged too: redelivering it would fail the same way.
+            if message.qos > 0:
+                client._client.ack(message.mid, message.qos)
         raise aiomqtt.MqttError("message stream ended")
 
     def _set_state(self, state: ConnectionState) -> None:
