@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,38 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class Broker:
-    """One mosquitto process with a generated config. ``port`` stays the same across restarts."""
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """TLS settings for the broker's listener, written as mosquitto config options."""
 
-    def __init__(self, folder: Path, *, username: str | None = None, password: str | None = None):
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    # Take the client certificate's CN as the MQTT username (needs require_certificate).
+    use_identity_as_username: bool = False
+
+
+class Broker:
+    """One mosquitto process with a generated config. ``port`` stays the same across restarts.
+
+    With ``tls`` set, the only listener speaks TLS.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: BrokerTls | None = None,
+    ):
         self.folder = folder
         self.port = free_port()
         self.host = HOST
         self.username = username
         self.password = password
+        self.tls = tls
         self.config_path = folder / "mosquitto.conf"
         self.log_path = folder / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -66,6 +90,14 @@ class Broker:
             "log_type notice",
             "log_type information",
         ]
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.cafile}",
+                f"certfile {self.tls.certfile}",
+                f"keyfile {self.tls.keyfile}",
+                f"require_certificate {str(self.tls.require_certificate).lower()}",
+                f"use_identity_as_username {str(self.tls.use_identity_as_username).lower()}",
+            ]
         if self.username is not None and self.password is not None:
             password_path = self.folder / "passwords"
             subprocess.run(
@@ -83,6 +115,9 @@ class Broker:
             )
             password_path.chmod(0o600)
             lines += ["allow_anonymous false", f"password_file {password_path}"]
+        elif self.tls is not None and self.tls.use_identity_as_username:
+            # A client without a certificate then has no username, so it is rejected as anonymous.
+            lines.append("allow_anonymous false")
         else:
             lines.append("allow_anonymous true")
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
