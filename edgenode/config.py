@@ -241,6 +241,12 @@ class TlsConfig(_Strict):
     cert_file: Path | None = Field(default=None, description="Client certificate file.")
     key_file: Path | None = Field(default=None, description="Client certificate's key file.")
 
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file: set both, or neither")
+        return self
+
 
 class SyncConfig(_Strict):
     enabled: bool = Field(default=False, description="Sync with the district over MQTT.")

@@ -75,6 +75,9 @@ def test_relative_state_dir_is_taken_from_config_folder(tmp_path: Path) -> None:
             id="regex-without-token-group",
         ),
         pytest.param('[device]\nid = "gate-01"\n', "device.site", id="missing-site"),
+        pytest.param(
+            MINIMAL + '[sync.tls]\nkey_file = "gate.key"\n', "sync.tls", id="key-without-cert"
+        ),
     ],
 )
 def test_invalid_value_is_reported_with_key_path(tmp_path: Path, text: str, key_path: str) -> None:
