@@ -351,4 +351,3 @@ def unrecognised(rejection: Rejection, clock_trusted: bool = True) -> Verdict:
         clock_trusted=clock_trusted,
         detail=rejection.detail,
     )
-
