@@ -127,3 +127,42 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     output = capsys.readouterr().out
     for command in ("demo", "scan", "decode", "cache", "journal", "config", "district"):
         assert command in output
+
+
+def test_init_creates_device_key_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    from edgenode.district import read_key
+
+    config = tmp_path / "edgenode.toml"
+    config.write_text('[device]\nid = "gate-01"\nsite = "X"\nstate_dir = "state"\n')
+    code, first, _ = run(capsys, "init", "--config", str(config))
+    key_path = tmp_path / "state" / "device.key"
+    public = base64.b64encode(bytes(read_key(key_path).verify_key)).decode()
+    assert code == 0
+    assert "Created the device key" in first
+    assert first.splitlines()[-1] == public
+    assert key_path.stat().st_mode & 0o777 == 0o600
+
+    code, second, _ = run(capsys, "init", "--config", str(config))
+    assert code == 0
+    assert "already exists" in second
+    assert second.splitlines()[-1] == public
+
+
+def test_scan_json_has_the_documented_fields(
+    keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "health.png"
+    run(
+        capsys, "district", "issue", "health", "--key", str(keys / "issuer-health.key"),
+        "--subject", SUBJECT, "--colour", "green", "--png", str(png),
+    )  # fmt: skip
+    config = tmp_path / "edgenode.toml"
+    config.write_text('[device]\nid = "g"\nsite = "X"\nstate_dir = "state"\n')
+    code, output, _ = run(capsys, "scan", "--json", "--config", str(config), str(png))
+    (verdict,) = [json.loads(line) for line in output.splitlines()]
+    assert code == 0
+    assert verdict["verdict"] == "incomplete"
+    assert verdict["reasons"] == ["missing_community_code"]
+    assert isinstance(verdict["latency_ms"], float)
