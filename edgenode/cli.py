@@ -56,7 +56,7 @@ def _load(args: argparse.Namespace) -> Config:
     path = _config_path(args)
     config = load_config(path)
     if args.lang is None:
-        args.tr = translator(config.display.language)
+        args.tr = translator(config.display.language or language_from_env())
     return config
 
 
@@ -508,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(args.tr.gettext("Invalid config {path}:").format(path=exc.path), file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue.key_path}: {issue.message}", file=sys.stderr)
+        if not exc.path.exists():
+            hint = args.tr.gettext("Name the config file with --config FILE or $EDGENODE_CONFIG.")
+            print(hint, file=sys.stderr)
         return EXIT_USAGE
     except CommandError as exc:
         print(str(exc), file=sys.stderr)

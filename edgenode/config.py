@@ -231,7 +231,10 @@ SourceConfig = Annotated[
 
 
 class DisplayConfig(_Strict):
-    language: Language = Field(default="zh_CN", description="Language of the guard's messages.")
+    language: Language | None = Field(
+        default=None,
+        description="Language of messages for people; unset means $EDGENODE_LANG, else zh_CN.",
+    )
 
 
 class TlsConfig(_Strict):
@@ -359,7 +362,14 @@ def parse_config(data: dict[str, object], path: Path = Path("<config>")) -> Conf
         return Config.model_validate(data)
     except ValidationError as exc:
         issues = [
-            ConfigIssue(".".join(str(part) for part in error["loc"]) or "(root)", error["msg"])
+            ConfigIssue(
+                ".".join(str(part) for part in error["loc"]) or "(root)",
+                # pydantic's wording for this one ("Extra inputs are not permitted") hides the
+                # usual cause, a misspelt key.
+                "unknown key: check its spelling"
+                if error["type"] == "extra_forbidden"
+                else error["msg"],
+            )
             for error in exc.errors()
         ]
         raise ConfigError(path, issues) from exc

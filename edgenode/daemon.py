@@ -31,6 +31,8 @@ log = structlog.get_logger("edgenode.daemon")
 # Exit code when a second signal forces the exit before the clean stop finished.
 EXIT_FORCED = 130
 QUEUE_SIZE = 1024
+# A second stop signal this soon after the first is the same request delivered twice.
+REPEAT_SIGNAL_S = 0.5
 TICK_INTERVAL_S = 0.2
 RESTART_BACKOFF_MAX_S = 30.0
 
@@ -57,6 +59,7 @@ class Daemon:
         self.scans_dropped = 0
         self._stop = asyncio.Event()
         self._signals = 0
+        self._first_signal_at = 0.0
         # One thread owns the SQLite connections, so verdicts are recorded in arrival order
         # and a slow fsync never stalls the event loop that the scanners depend on.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -127,8 +130,14 @@ class Daemon:
                 return  # Not the main thread (tests): the caller stops the daemon itself.
 
     def _on_signal(self, signum: int) -> None:
+        now = time.monotonic()
+        # Tools such as GNU timeout signal the process and then its process group, so one
+        # request arrives twice within milliseconds. Only a later signal forces the exit.
+        if self._signals and now - self._first_signal_at < REPEAT_SIGNAL_S:
+            return
         self._signals += 1
         if self._signals == 1:
+            self._first_signal_at = now
             log.info("stop_requested", signal=signal.Signals(signum).name)
             self.stop()
             return

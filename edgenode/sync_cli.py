@@ -17,7 +17,7 @@ from typing import Any
 
 from edgenode.codes import key_id_for
 from edgenode.config import Config, load_config
-from edgenode.i18n import N_, Translator, translator
+from edgenode.i18n import N_, Translator, language_from_env, translator
 from edgenode.journal import Journal, JournalError
 from sync.identity import DeviceKeyError, ensure_device_key
 from sync.uplink import STATE_FILE_NAME, STATUS_INTERVAL_S
@@ -38,7 +38,7 @@ def _load(args: argparse.Namespace) -> Config:
     path = Path(args.config or os.environ.get("EDGENODE_CONFIG", DEFAULT_CONFIG))
     config = load_config(path)
     if getattr(args, "lang", None) is None:
-        args.tr = translator(config.display.language)
+        args.tr = translator(config.display.language or language_from_env())
     return config
 
 

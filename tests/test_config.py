@@ -33,7 +33,7 @@ def test_example_config_is_valid() -> None:
 def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.policy.stale_after_s == 86_400
-    assert config.display.language == "zh_CN"
+    assert config.display.language is None
     assert config.decoder.backend == "zxing"
 
 

@@ -166,7 +166,12 @@ def test_second_signal_forces_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     daemon = Daemon(site_config(site), [])
     exits: list[int] = []
     monkeypatch.setattr(os, "_exit", exits.append)
+    clock = iter([100.0, 100.1, 101.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     daemon._on_signal(signal.SIGTERM)
+    # The same signal delivered again to the process group a moment later is ignored.
+    daemon._on_signal(signal.SIGTERM)
+    assert exits == []
     daemon._on_signal(signal.SIGTERM)
     assert exits == [EXIT_FORCED]
 
