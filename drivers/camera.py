@@ -34,6 +34,10 @@ from edgenode.sources import Emit, ScanEvent, SourceState, SourceStatus
 
 log = structlog.get_logger("edgenode.camera")
 
+# OpenCV prints its own warnings to stderr between the daemon's JSON log lines, for example on
+# every failed open while a camera is unplugged. The source logs those events itself.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 # A connected camera that delivers no frame for this long counts as disconnected.
 STALL_TIMEOUT_S = 2.0
 # First reconnect delay bound. Each failed attempt doubles it, up to `reconnect_max_s`.

@@ -34,6 +34,8 @@ QUEUE_SIZE = 1024
 # A second stop signal this soon after the first is the same request delivered twice.
 REPEAT_SIGNAL_S = 0.5
 TICK_INTERVAL_S = 0.2
+# How often the daemon checks that at least one source is connected, in seconds.
+SOURCE_CHECK_INTERVAL_S = 30.0
 RESTART_BACKOFF_MAX_S = 30.0
 
 VerdictListener = Callable[[VerdictEvent], None]
@@ -102,6 +104,7 @@ class Daemon:
         ]
         pipeline = asyncio.create_task(self._consume(), name="pipeline")
         ticker = asyncio.create_task(self._tick(), name="pairing-ticker")
+        watcher = asyncio.create_task(self._watch_sources(), name="source-watcher")
         try:
             await self._stop.wait()
         finally:
@@ -111,7 +114,8 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*source_tasks, *service_tasks, return_exceptions=True)
             ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(ticker, watcher, return_exceptions=True)
             await self._queue.join()
             pipeline.cancel()
             await asyncio.gather(pipeline, return_exceptions=True)
@@ -183,6 +187,14 @@ class Daemon:
         while True:
             await asyncio.sleep(TICK_INTERVAL_S)
             await self._in_pipeline(self._expire)
+
+    async def _watch_sources(self) -> None:
+        """Warn while no source is connected: the gate then cannot read any code."""
+        while True:
+            await asyncio.sleep(SOURCE_CHECK_INTERVAL_S)
+            states = {source.name: source.status.state.value for source in self.sources}
+            if states and SourceState.CONNECTED.value not in states.values():
+                log.warning("no_source_connected", sources=states)
 
     async def _in_pipeline(self, function: Callable[..., None], *args: object) -> None:
         loop = asyncio.get_running_loop()
