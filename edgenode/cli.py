@@ -23,7 +23,7 @@ from edgenode.cache import Cache, CacheImportError, import_snapshot
 from edgenode.cli_output import format_verdict_line, verdict_json
 from edgenode.config import Config, ConfigError, load_config
 from edgenode.decoders import DECODER_NAMES, create_decoder
-from edgenode.i18n import LANGUAGES, Translator, language_from_env, translator
+from edgenode.i18n import LANGUAGES, N_, Translator, language_from_env, translator
 from edgenode.journal import Journal, JournalError
 from edgenode.logs import configure_logging
 from edgenode.messages import outcome_word
@@ -35,6 +35,16 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # systemd and installers can tell a gate that never started from one that failed later.
 EXIT_STARTUP = 3
+
+# Messages for people for each SourceError reason of drivers/files.py.
+SOURCE_ERRORS = {
+    "file_not_found": N_("File not found: {path}"),
+    "not_a_file": N_("Not a file: {path}"),
+    "unreadable_image": N_("Cannot read the image: {path}"),
+    "unreadable_video": N_("Cannot read the video: {path}"),
+    "empty_video": N_("The video has no frames: {path}"),
+    "unreadable_file": N_("Neither an image nor a video that can be read: {path}"),
+}
 DEFAULT_CONFIG = Path("/etc/edgenode/edgenode.toml")
 
 
@@ -519,7 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
     except SourceError as exc:
-        print(str(exc), file=sys.stderr)
+        template = SOURCE_ERRORS.get(exc.reason)
+        message = str(exc) if template is None else args.tr.gettext(template).format(path=exc.path)
+        print(message, file=sys.stderr)
         return EXIT_FAILED
     return result
 
