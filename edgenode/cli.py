@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level or ("info" if args.command == "run" else "warning"))
+    serving = args.command == "run" or getattr(args, "district_command", None) == "serve"
+    configure_logging(args.log_level or ("info" if serving else "warning"))
     args.tr = translator(args.lang or language_from_env())
     try:
         result: int = args.handler(args)

@@ -124,8 +124,10 @@ class Connection:
         device: str,
         client_id: str | None = None,
         backoff_base_s: float = BACKOFF_BASE_S,
+        session_expiry_s: int = SESSION_EXPIRY_S,
     ) -> None:
         self.sync = sync
+        self.session_expiry_s = session_expiry_s
         self.topics = Topics(site, device)
         self.client_id = client_id or f"edgenode-{site}-{device}"
         self.backoff_base_s = backoff_base_s
@@ -233,7 +235,7 @@ class Connection:
         paho_logger.propagate = False
         paho_logger.addHandler(packet_clock)
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        properties.SessionExpiryInterval = self.session_expiry_s
         return aiomqtt.Client(
             self.sync.broker_host,
             self.sync.broker_port,

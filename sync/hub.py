@@ -15,11 +15,10 @@ that dies before its commit does not get the message back from the broker: Mosqu
 it in the dead client's session. The gate sends the batch again after its ack timeout, and
 another hub stores it then.
 
-NOTE: ``Connection`` requests a 600 s session expiry, and Mosquitto 2.0.11 keeps giving a
-stopped hub's session its share of the shared subscription until the session expires (a
-probe with one live and one disconnected member: the live one got 5 of 10 messages). Nothing
-is lost, because gates send again, but each such batch waits one more ack timeout. Hubs should
-connect with a session expiry of 0 once ``Connection`` can be told so.
+Hubs connect with a session expiry of 0: Mosquitto 2.0.11 keeps giving a stopped member's
+session its share of a shared subscription until the session expires (a probe with one live
+and one disconnected member: the live one got 5 of 10 messages), and each such batch would
+wait one more ack timeout at its gate.
 """
 
 from __future__ import annotations
@@ -111,7 +110,11 @@ class Hub:
         # client when a new one connects with the same id.
         client_id = f"edgenode-hub-{self.hub_id}-{os.getpid()}-{secrets.token_hex(4)}"
         self.connection = Connection(
-            sync, site=HUB_SITE, device=f"hub-{self.hub_id}", client_id=client_id
+            sync,
+            site=HUB_SITE,
+            device=f"hub-{self.hub_id}",
+            client_id=client_id,
+            session_expiry_s=0,
         )
         self.connection.subscribe(hub_uplink_subscription(), self._on_message)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
