@@ -296,22 +296,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     if not config.sources:
         raise CommandError(tr.gettext("No [[sources]] in the config: nothing to read."), EXIT_USAGE)
+    from sync.identity import DeviceKeyError
+    from sync.service import SyncService
+
     listeners: list[Any] = []
     services: list[Any] = []
     clock = system_clock
-    if config.sync.enabled:
-        from sync.service import SyncService
-
-        sync = SyncService.from_config(config)
-        listeners.append(sync.on_verdict)
-        services.extend(sync.tasks())
-        clock = sync.clock
-    daemon = Daemon(
-        config, _build_sources(config), listeners=listeners, services=services, clock=clock
-    )
     try:
+        if config.sync.enabled:
+            sync = SyncService.from_config(config)
+            listeners.append(sync.on_verdict)
+            services.extend(sync.tasks())
+            clock = sync.clock
+        daemon = Daemon(
+            config, _build_sources(config), listeners=listeners, services=services, clock=clock
+        )
         daemon.open()
-    except (JournalError, OSError, sqlite3.Error) as exc:
+    except (JournalError, DeviceKeyError, OSError, ValueError, sqlite3.Error) as exc:
         raise CommandError(
             tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
         ) from exc
