@@ -59,7 +59,7 @@ class SyncService:
         ]
 
     def clock(self) -> ClockReading:
-        """The wall clock, untrusted while the district's time disagrees beyond the limit."""
+        """Read the wall clock, untrusted while the district's time disagrees beyond the limit."""
         limit = self.config.sync.clock_skew_alarm_s
         skews = (self.uplink.status().clock_skew_s, self.downlink.clock_skew_s)
         synchronised = all(skew is None or abs(skew) <= limit for skew in skews)
