@@ -17,6 +17,9 @@ from edgenode.config import SyncConfig
 from edgenode.i18n import translator
 from edgenode.report_cli import add_commands
 from sync.alarms import (
+    REPEAT_INTERVAL_S,
+    SHARING_WINDOW_S,
+    Alarm,
     AlarmChecker,
     AlarmKind,
     alarm_topic,
@@ -97,8 +100,18 @@ class Site:
         )
         return records
 
-    def checker(self, **options: float) -> AlarmChecker:
-        return AlarmChecker(self.path, clock=self.clock, **options)
+    def checker(
+        self,
+        *,
+        sharing_window_s: float = SHARING_WINDOW_S,
+        repeat_interval_s: float = REPEAT_INTERVAL_S,
+    ) -> AlarmChecker:
+        return AlarmChecker(
+            self.path,
+            clock=self.clock,
+            sharing_window_s=sharing_window_s,
+            repeat_interval_s=repeat_interval_s,
+        )
 
 
 @pytest.fixture
@@ -110,8 +123,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
     value.store.close()
 
 
-def kinds(alarms: list[object]) -> list[str]:
-    return [str(getattr(alarm, "kind", "")) for alarm in alarms]
+def kinds(alarms: list[Alarm]) -> list[str]:
+    return [str(alarm.kind) for alarm in alarms]
 
 
 # --- red code ---
