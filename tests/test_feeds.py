@@ -1,0 +1,239 @@
+"""Roster and health-status feeds imported into the hub's store, from the files in data/feeds."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from sync.feeds import (
+    FeedError,
+    FeedStore,
+    ProgressBar,
+    RowError,
+    decode_feed,
+    import_health,
+    import_roster,
+    parse_time,
+)
+from sync.hub_store import HubStore
+
+FEEDS = Path(__file__).resolve().parent / "data" / "feeds"
+
+
+def subject(n: int) -> str:
+    return f"{n:02x}" * 16
+
+
+def health_subject(n: int) -> str:
+    return f"{0x80 + n:02x}" * 16
+
+
+def reasons(errors: list[RowError]) -> list[tuple[int, str]]:
+    return [(error.line, error.reason) for error in errors]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeedStore:
+    return FeedStore(tmp_path / "hub.db")
+
+
+def test_roster_csv_rows_and_errors(store: FeedStore) -> None:
+    result = import_roster(store, FEEDS / "roster.csv", now=1_000.0)
+
+    assert result.rows == 7
+    assert result.stored == 2
+    assert reasons(result.errors) == [
+        (4, "invalid_subject"),
+        (5, "invalid_role"),
+        (6, "invalid_time"),
+        (7, "missing_field"),
+        (8, "duplicate_subject"),
+    ]
+    assert "building" in result.errors[3].message
+    residents = {row.subject: row for row in store.residents("XH-0012")}
+    assert sorted(residents) == [subject(1), subject(2)]
+    assert residents[subject(1)].display_name == "张*丰"
+    assert residents[subject(2)].display_name == "李*"
+    assert residents[subject(2)].role == "visitor"
+    assert residents[subject(1)].health_subject == health_subject(1)
+
+
+def test_roster_dates_are_china_time(store: FeedStore) -> None:
+    import_roster(store, FEEDS / "roster.csv")
+
+    first = {row.subject: row for row in store.residents("XH-0012")}[subject(1)]
+    # 2026-01-01 00:00 at UTC+8, and the end of 2026-12-31 at UTC+8.
+    assert first.valid_from == 1_767_196_800
+    assert first.valid_until == 1_798_732_800
+
+
+def test_full_names_and_ids_never_stored(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    with FeedStore(path) as store:
+        import_roster(store, FEEDS / "roster.csv")
+        import_roster(store, FEEDS / "roster.json")
+
+    files = [item for item in tmp_path.iterdir() if item.name.startswith("hub.db")]
+    content = b"".join(item.read_bytes() for item in files)
+    for full_name in ("张三丰", "李四", "郭靖", "黄蓉"):
+        assert full_name.encode("utf-8") not in content, full_name
+    for id_number in ("110101199003071234", "110101198001011111"):
+        assert id_number.encode("ascii") not in content, id_number
+    assert "张*丰".encode() in content
+
+
+def test_roster_csv_with_bom(store: FeedStore) -> None:
+    assert (FEEDS / "roster-bom.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+
+    result = import_roster(store, FEEDS / "roster-bom.csv")
+
+    assert result.errors == []
+    names = [row.display_name for row in store.residents("XH-0013")]
+    assert names == ["陈*", "杨*华"]
+
+
+def test_health_gb18030_chinese_colours(store: FeedStore) -> None:
+    with pytest.raises(UnicodeDecodeError):
+        (FEEDS / "health-gb18030.csv").read_bytes().decode("utf-8")
+
+    result = import_health(store, FEEDS / "health-gb18030.csv")
+
+    assert result.stored == 3
+    assert reasons(result.errors) == [
+        (5, "invalid_colour"),
+        (6, "invalid_subject"),
+        (7, "missing_field"),
+    ]
+    statuses = store.health([health_subject(n) for n in (1, 2, 11, 12)])
+    assert {key: row.colour for key, row in statuses.items()} == {
+        health_subject(1): "green",
+        health_subject(2): "yellow",
+        health_subject(11): "red",
+    }
+
+
+def test_roster_json_line_numbers(store: FeedStore) -> None:
+    result = import_roster(store, FEEDS / "roster.json")
+
+    assert result.stored == 1
+    assert reasons(result.errors) == [
+        (5, "not_an_object"),
+        (6, "invalid_role"),
+        (9, "invalid_validity"),
+    ]
+    assert [row.display_name for row in store.residents("XH-0014")] == ["林*"]
+
+
+def test_health_json_and_older_status(store: FeedStore, tmp_path: Path) -> None:
+    result = import_health(store, FEEDS / "health.json")
+    assert reasons(result.errors) == [(3, "invalid_colour")]
+    assert store.health([health_subject(21)])[health_subject(21)].colour == "red"
+
+    older = tmp_path / "older.csv"
+    older.write_text(f"health_subject,colour,as_of\n{health_subject(21)},green,1000\n")
+    result = import_health(store, older)
+
+    assert result.errors == []
+    assert result.stored == 0
+    assert store.health([health_subject(21)])[health_subject(21)].colour == "red"
+
+
+def test_roster_removes_missing_keeps_rejected(store: FeedStore, tmp_path: Path) -> None:
+    import_roster(store, FEEDS / "roster.csv")
+    header = "site,subject,health_subject,display_name,building,unit,role,valid_from,valid_until\n"
+    second = tmp_path / "second.csv"
+    # Subject 1 is kept although its row is rejected now, and subject 2 is left out.
+    second.write_text(
+        header
+        + f"XH-0012,{subject(1)},{health_subject(1)},张*丰,3,1-502,tenant,2026-01-01,2026-12-31\n"
+        + f"XH-0012,{subject(3)},{health_subject(3)},王*,3,1-504,resident,2026-01-01,2026-12-31\n",
+        encoding="utf-8",
+    )
+
+    result = import_roster(store, second)
+
+    assert reasons(result.errors) == [(2, "invalid_role")]
+    assert result.removed == 1
+    assert sorted(row.subject for row in store.residents("XH-0012")) == [subject(1), subject(3)]
+
+
+def test_unreadable_feed_stores_nothing(store: FeedStore, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"health_subject": "x"} {"a": 1}]', encoding="utf-8")
+
+    with pytest.raises(FeedError, match="line 1"):
+        import_health(store, broken)
+    with pytest.raises(FeedError, match="array"):
+        import_health(store, FEEDS / "roster.csv", "json")
+
+
+def test_decode_feed_encodings() -> None:
+    text = "姓名,健康码\n张三,绿\n"
+
+    assert decode_feed(text.encode("utf-8")) == text
+    assert decode_feed(b"\xef\xbb\xbf" + text.encode("utf-8")) == text
+    assert decode_feed(text.encode("gb18030")) == text
+
+
+def test_parse_time_forms() -> None:
+    assert parse_time("1796400000") == 1_796_400_000
+    assert parse_time("2026-01-01") == 1_767_196_800
+    assert parse_time("2026-01-01", end_of_day=True) == 1_767_283_200
+    assert parse_time("2026-01-01T08:00:00") == 1_767_225_600
+    assert parse_time("2026-01-01T00:00:00+00:00") == 1_767_225_600
+    with pytest.raises(ValueError):
+        parse_time("2026-02-30")
+
+
+def test_progress_bar_only_on_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain, terminal = io.StringIO(), Terminal()
+    for stream in (plain, terminal):
+        bar = ProgressBar(4, "feed.csv", stream)
+        for done in range(1, 5):
+            bar.update(done)
+        bar.finish()
+
+    assert plain.getvalue() == ""
+    assert terminal.getvalue().endswith("feed.csv [" + "#" * 30 + "] 100%\n")
+
+
+def test_store_migrates_once_beside_hub(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    HubStore(path).close()
+    FeedStore(path).close()
+    with FeedStore(path) as store:
+        assert store.schema_version() == 1
+    with HubStore(path) as hub:
+        assert hub.schema_version() == 1
+
+    with closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT version FROM feeds_migrations").fetchall()
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert rows == [(1,)]
+    assert mode == "wal"
+
+
+def test_roster_wrong_cell_count_keeps_resident(store: FeedStore, tmp_path: Path) -> None:
+    import_roster(store, FEEDS / "roster.csv")
+    header = "site,subject,health_subject,display_name,building,unit,role,valid_from,valid_until\n"
+    second = tmp_path / "second.csv"
+    second.write_text(
+        header
+        + f"XH-0012,{subject(1)},{health_subject(1)},张*丰,3,1-502,resident,2026-01-01\n"
+        + f"XH-0012,{subject(2)},{health_subject(2)},李*,3,1-503,visitor,2026-01-01,2026-12-31\n",
+        encoding="utf-8",
+    )
+
+    result = import_roster(store, second)
+
+    assert reasons(result.errors) == [(2, "wrong_column_count")]
+    assert result.removed == 0
+    assert sorted(row.subject for row in store.residents("XH-0012")) == [subject(1), subject(2)]
