@@ -1,0 +1,280 @@
+"""Publishing per-site datasets from the feed store to a gate, through a real Mosquitto broker.
+
+Each scenario runs a gate (its Connection and a Downlink over its own cache) and the
+district's side: a Publisher on its own Connection. The hub routes gates' requests to the
+publisher, and here a stand-in does the same: it subscribes to the site's request topic,
+checks the gate's signature and calls ``Publisher.handle_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from nacl.signing import SigningKey
+
+from edgenode.cache import Cache
+from edgenode.codes import Colour, key_id_for
+from edgenode.config import SyncConfig
+from sync.connection import Connection
+from sync.delta import DeltaReader
+from sync.downlink import Downlink
+from sync.feeds import FeedStore, import_health, import_roster
+from sync.hub import HUB_SITE
+from sync.protocol import Topics, decode_message, trusted
+from sync.publisher import IssuerKey, Publisher, Publishing
+from tests.broker import Broker, broker
+
+__all__ = ["broker"]
+
+DEVICE = "gate-01"
+WAIT_S = 15.0
+HEADER = "site,subject,health_subject,name,id_number,building,unit,role,valid_from,valid_until\n"
+
+
+@dataclass
+class District:
+    """The feed store, keys and publisher of one test's district, for one site."""
+
+    folder: Path
+    site: str = field(default_factory=lambda: f"XH-{uuid.uuid4().hex[:6]}")
+    district_key: SigningKey = field(default_factory=SigningKey.generate)
+    health_key: SigningKey = field(default_factory=SigningKey.generate)
+    gate_key: SigningKey = field(default_factory=SigningKey.generate)
+
+    def __post_init__(self) -> None:
+        self.store = FeedStore(self.folder / "hub.db")
+
+    def roster(self, subjects: list[str], name: str = "roster.csv") -> None:
+        lines = [
+            f"{self.site},{subject},{subject[::-1]},张三丰,110101199003071234,1,{subject[:3]},"
+            "resident,2026-01-01,2036-01-01\n"
+            for subject in subjects
+        ]
+        path = self.folder / name
+        path.write_text(HEADER + "".join(lines), encoding="utf-8")
+        result = import_roster(self.store, path)
+        assert result.errors == []
+
+    def health(self, health_subject: str, colour: str) -> None:
+        path = self.folder / "health.csv"
+        path.write_text(
+            f"health_subject,colour,as_of\n{health_subject},{colour},{int(time.time())}\n",
+            encoding="utf-8",
+        )
+        result = import_health(self.store, path)
+        assert result.errors == []
+
+    def publisher(self, connection: Publishing) -> Publisher:
+        issuer = IssuerKey(self.health_key, ("health",), 0, 2**32 - 1)
+        return Publisher(
+            self.store,
+            connection,
+            district_key=self.district_key,
+            issuers=[issuer],
+            chunk_size=512,
+        )
+
+
+@dataclass
+class Running:
+    publisher: Publisher
+    downlink: Downlink
+    requests: list[dict[str, Any]]
+
+
+def sync_config(target: Broker) -> SyncConfig:
+    return SyncConfig(enabled=True, broker_host=target.host, broker_port=target.port, keepalive_s=5)
+
+
+async def route_requests(
+    client: aiomqtt.Client, district: District, publisher: Publisher, seen: list[dict[str, Any]]
+) -> None:
+    """Do what the hub does with a gate's request: check the signature, call the publisher."""
+    keys = trusted(bytes(district.gate_key.verify_key))
+    async for message in client.messages:
+        assert isinstance(message.payload, bytes)
+        body = decode_message(message.payload, keys)
+        seen.append(body)
+        await publisher.handle_request(district.site, str(body["device"]), body)
+
+
+@asynccontextmanager
+async def running(
+    district: District, target: Broker, *, stall_s: float = 10.0
+) -> AsyncIterator[Running]:
+    sync = sync_config(target)
+    gate_connection = Connection(sync, site=district.site, device=DEVICE, backoff_base_s=0.1)
+    downlink = Downlink(
+        gate_connection,
+        site=district.site,
+        device=DEVICE,
+        cache_path=district.folder / "gate" / "cache.db",
+        state_dir=district.folder / "gate",
+        district_keys=[bytes(district.district_key.verify_key)],
+        signing_key=district.gate_key,
+        stall_s=stall_s,
+    )
+    hub_connection = Connection(
+        sync,
+        site=HUB_SITE,
+        device="publisher-test",
+        client_id=f"publisher-test-{secrets.token_hex(4)}",
+        session_expiry_s=0,
+    )
+    publisher = district.publisher(hub_connection)
+    requests: list[dict[str, Any]] = []
+    tasks = [
+        asyncio.create_task(gate_connection.run()),
+        asyncio.create_task(downlink.run()),
+        asyncio.create_task(hub_connection.run()),
+    ]
+    identifier = f"request-router-{secrets.token_hex(4)}"
+    try:
+        async with aiomqtt.Client(target.host, target.port, identifier=identifier) as client:
+            await client.subscribe(Topics(district.site, DEVICE).requests, qos=1)
+            tasks.append(asyncio.create_task(route_requests(client, district, publisher, requests)))
+            await asyncio.wait_for(gate_connection.wait_connected(), WAIT_S)
+            await asyncio.wait_for(hub_connection.wait_connected(), WAIT_S)
+            yield Running(publisher, downlink, requests)
+    finally:
+        for task in tasks:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=10)
+        assert not pending, f"{len(pending)} tasks did not stop within 10 s"
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def run(scenario: Callable[[], Any]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 40))
+
+
+def hex_subjects(count: int) -> list[str]:
+    return [secrets.token_hex(16) for _ in range(count)]
+
+
+def test_snapshot_then_delta_reach_gate(broker: Broker, tmp_path: Path) -> None:
+    district = District(tmp_path)
+    staying, leaving, joining = hex_subjects(3), hex_subjects(1)[0], hex_subjects(1)[0]
+    district.roster([*staying, leaving])
+    district.health(staying[0][::-1], "绿")
+    cache_path = tmp_path / "gate" / "cache.db"
+
+    async def scenario() -> None:
+        async with running(district, broker) as state:
+            first = await state.publisher.publish(district.site)
+            assert (first.kind, first.version) == ("snapshot", 1)
+            assert first.chunk_count > 1
+            await wait_until(lambda: state.downlink.status()["version"] == 1, "snapshot 1")
+
+            with Cache(cache_path) as cache:
+                assert cache.resident(bytes.fromhex(leaving)) is not None
+                resident = cache.resident(bytes.fromhex(staying[0]))
+                assert resident is not None
+                assert resident.display_name == "张*丰"
+                status = cache.health_status(bytes.fromhex(staying[0][::-1]))
+                assert status is not None and status.colour is Colour.GREEN
+                key_id = key_id_for(bytes(district.health_key.verify_key))
+                assert cache.issuer(key_id) is not None
+
+            district.roster([*staying, joining], name="roster-2.csv")
+            district.health(staying[0][::-1], "红")
+            second = await state.publisher.publish(district.site)
+            assert (second.kind, second.version, second.base_version) == ("delta", 2, 1)
+            await wait_until(lambda: state.downlink.status()["version"] == 2, "delta 2")
+
+        assert state.downlink.rejections == {}
+        with Cache(cache_path) as cache:
+            assert cache.resident(bytes.fromhex(leaving)) is None
+            assert cache.bound_resident(bytes.fromhex(leaving[::-1])) is None
+            assert cache.resident(bytes.fromhex(joining)) is not None
+            assert cache.bound_resident(bytes.fromhex(joining[::-1])) == bytes.fromhex(joining)
+            status = cache.health_status(bytes.fromhex(staying[0][::-1]))
+            assert status is not None and status.colour is Colour.RED
+
+    run(scenario)
+
+
+def test_delta_contains_only_changes(tmp_path: Path) -> None:
+    district = District(tmp_path)
+    subjects = hex_subjects(5)
+    district.roster(subjects)
+
+    class Offline:
+        async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+            raise AssertionError("nothing is sent in this test")
+
+    publisher = district.publisher(Offline())
+    publisher.build(district.site)
+    district.roster(subjects[1:])
+    delta = publisher.build(district.site)
+    empty = publisher.build(district.site)
+
+    # Removing one resident deletes its residents and bindings records, nothing else.
+    for transfer, expected in ((delta, 2), (empty, 0)):
+        path = tmp_path / f"delta-{transfer.version}"
+        path.write_bytes(transfer.data)
+        with DeltaReader(path, [bytes(district.district_key.verify_key)]) as reader:
+            records = list(reader.records())
+        assert len(records) == expected, records
+        if expected:
+            changes = sorted((record["op"], record["dataset"]) for record in records)
+            assert changes == [("delete", "bindings"), ("delete", "residents")]
+    assert publisher.published_version(district.site) == 3
+
+
+def test_missing_chunks_request_answered(broker: Broker, tmp_path: Path) -> None:
+    district = District(tmp_path)
+    district.roster(hex_subjects(40))
+
+    async def scenario() -> None:
+        async with running(district, broker, stall_s=0.5) as state:
+            transfer = await asyncio.to_thread(state.publisher.build, district.site)
+            assert transfer.chunk_count >= 4
+            held_back = [1, transfer.chunk_count - 1]
+            sent = [i for i in range(transfer.chunk_count) if i not in held_back]
+            await state.publisher.send(transfer, sent)
+
+            await wait_until(lambda: state.downlink.status()["version"] == 1, "snapshot 1")
+
+        chunk_requests = [body for body in state.requests if body["what"] == "chunks"]
+        assert chunk_requests
+        assert chunk_requests[0]["transfer_id"] == transfer.transfer_id
+        assert chunk_requests[0]["missing"] == held_back
+
+    run(scenario)
+
+
+def test_snapshot_request_answered(broker: Broker, tmp_path: Path) -> None:
+    district = District(tmp_path)
+    district.roster(hex_subjects(3))
+
+    async def scenario() -> None:
+        async with running(district, broker) as state:
+            # Version 1 is published without the gate, so the delta to 2 does not fit its cache.
+            await asyncio.to_thread(state.publisher.build, district.site)
+            district.roster(hex_subjects(2), name="roster-2.csv")
+            await state.publisher.publish(district.site)
+
+            await wait_until(lambda: state.downlink.status()["version"] == 2, "snapshot 2")
+
+        snapshot_requests = [body for body in state.requests if body["what"] == "snapshot"]
+        assert [body["have_version"] for body in snapshot_requests] == [0]
+        assert state.publisher.published_version(district.site) == 2
+
+    run(scenario)
