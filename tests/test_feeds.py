@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import io
+import shutil
 import sqlite3
-from contextlib import closing
+from contextlib import closing, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from edgenode.feeds_cli import add_commands
+from edgenode.i18n import translator
 from sync.feeds import (
     FeedError,
     FeedStore,
@@ -219,6 +223,48 @@ def test_store_migrates_once_beside_hub(tmp_path: Path) -> None:
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
     assert rows == [(1,)]
     assert mode == "wal"
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.tr = translator("en")
+    output = io.StringIO()
+    with redirect_stdout(output):
+        result: int = args.handler(args)
+    return result, output.getvalue()
+
+
+def test_cli_import_exit_codes(tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text('store = "hub.db"\ndistrict_key_file = "district.key"\n', encoding="utf-8")
+    good = tmp_path / "good.csv"
+    shutil.copy(FEEDS / "roster-bom.csv", good)
+
+    code, output = run_cli(["import", "roster", "--config", str(config), str(FEEDS / "roster.csv")])
+    assert code == 1
+    assert "Read 7 rows: 2 stored, 5 rejected" in output
+    assert "Line 4: invalid_subject:" in output
+    assert "Line 8: duplicate_subject:" in output
+
+    code, output = run_cli(["import", "roster", "--config", str(config), str(good)])
+    assert code == 0
+    assert "Read 2 rows: 2 stored, 0 rejected" in output
+
+    code, output = run_cli(
+        [
+            "import",
+            "health",
+            "--config",
+            str(config),
+            "--format",
+            "json",
+            str(FEEDS / "health.json"),
+        ]
+    )
+    assert code == 1
+    assert "Line 3: invalid_colour:" in output
 
 
 def test_roster_wrong_cell_count_keeps_resident(store: FeedStore, tmp_path: Path) -> None:

@@ -8,12 +8,14 @@ checks the gate's signature and calls ``Publisher.handle_request``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from nacl.signing import SigningKey
 from edgenode.cache import Cache
 from edgenode.codes import Colour, key_id_for
 from edgenode.config import SyncConfig
+from edgenode.district import KEY_FILES, write_key
+from edgenode.feeds_cli import add_commands
+from edgenode.i18n import translator
 from sync.connection import Connection
 from sync.delta import DeltaReader
 from sync.downlink import Downlink
@@ -278,3 +283,43 @@ def test_snapshot_request_answered(broker: Broker, tmp_path: Path) -> None:
         assert state.publisher.published_version(district.site) == 2
 
     run(scenario)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.tr = translator("en")
+    output = io.StringIO()
+    with redirect_stdout(output):
+        result: int = args.handler(args)
+    return result, output.getvalue()
+
+
+def test_cli_publish_snapshot_then_delta(broker: Broker, tmp_path: Path) -> None:
+    for name in KEY_FILES.values():
+        write_key(tmp_path / name, SigningKey.generate())
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        'store = "hub.db"\ndistrict_key_file = "district.key"\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nkeepalive_s = 5\n',
+        encoding="utf-8",
+    )
+    district = District(tmp_path)
+    district.roster(hex_subjects(2))
+    publish = ["publish", "--config", str(config), "--site", district.site]
+
+    # Without configured logging, structlog also writes its events to stdout.
+    code, output = run_cli(publish)
+    assert code == 0
+    assert output.splitlines()[-1] == (
+        f"Published snapshot version 1 for site {district.site} in 1 chunks"
+    )
+    code, output = run_cli(publish)
+    assert code == 0
+    assert output.splitlines()[-1] == (
+        f"Published delta from version 1 to 2 for site {district.site} in 1 chunks"
+    )
+    code, output = run_cli([*publish, "--snapshot"])
+    assert code == 0
+    assert output.splitlines()[-1].startswith("Published snapshot version 3 ")
