@@ -253,12 +253,14 @@ def _cmd_site(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    from edgenode import hub_cli
+    from edgenode import feeds_cli, hub_cli, report_cli
 
     district = commands.add_parser("district", help="district-side tools").add_subparsers(
         dest="district_command", required=True, metavar="COMMAND"
     )
     hub_cli.add_commands(district)
+    report_cli.add_commands(district)
+    feeds_cli.add_commands(district)
     issue = district.add_parser("issue", help="mint keys, codes and snapshots").add_subparsers(
         dest="issue_command", required=True, metavar="WHAT"
     )

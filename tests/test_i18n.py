@@ -12,7 +12,9 @@ from edgenode.messages import OUTCOME_WORDS, REASON_TEXTS, describe
 from edgenode.policy import Outcome, Verdict
 from edgenode.reasons import Reason
 
-PACKAGE = Path(__file__).resolve().parent.parent / "edgenode"
+ROOT = Path(__file__).resolve().parent.parent
+# Every package whose text a person may read: the CLI, the district tools, the drivers.
+PACKAGES = [ROOT / "edgenode", ROOT / "sync", ROOT / "drivers"]
 
 
 def extracted_messages() -> list[str]:
@@ -20,7 +22,8 @@ def extracted_messages() -> list[str]:
     return sorted(
         {
             message
-            for _, _, message, _, _ in extract_from_dir(str(PACKAGE), keywords=keywords)
+            for package in PACKAGES
+            for _, _, message, _, _ in extract_from_dir(str(package), keywords=keywords)
             if isinstance(message, str)
         }
     )
