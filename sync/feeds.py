@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,8 +30,8 @@ from typing import Literal, TextIO
 
 from edgenode.codes import Role
 from edgenode.district import mask_name
+from edgenode.sqlite_db import apply_migrations, open_durable, schema_version
 
-BUSY_TIMEOUT_MS = 10_000
 # Dates without a time or an offset are China Standard Time, the time of the feeds' offices.
 CHINA_TZ = timezone(timedelta(hours=8))
 COLOURS = {
@@ -190,14 +189,8 @@ class FeedStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: every transaction below is opened with an explicit BEGIN.
-        self.db = sqlite3.connect(
-            path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-        )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
+        self.db = open_durable(path)
+        apply_migrations(self.db, "feeds_migrations", MIGRATIONS)
 
     def close(self) -> None:
         self.db.close()
@@ -213,34 +206,8 @@ class FeedStore:
     ) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS feeds_migrations "
-            "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        for version, script in enumerate(MIGRATIONS, start=1):
-            # BEGIN IMMEDIATE takes the write lock first, so two processes starting together
-            # apply each migration once.
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                applied = self.db.execute(
-                    "SELECT 1 FROM feeds_migrations WHERE version = ?", (version,)
-                ).fetchone()
-                if applied is None:
-                    for statement in _statements(script):
-                        self.db.execute(statement)
-                    self.db.execute(
-                        "INSERT INTO feeds_migrations (version, applied_at) VALUES (?, ?)",
-                        (version, time.time()),
-                    )
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-
     def schema_version(self) -> int:
-        row = self.db.execute("SELECT MAX(version) FROM feeds_migrations").fetchone()
-        return int(row[0] or 0)
+        return schema_version(self.db, "feeds_migrations")
 
     def store_roster(
         self, rows: Sequence[RosterRow], seen: Mapping[str, set[str]], *, now: float
@@ -334,10 +301,6 @@ class FeedStore:
             for row in rows:
                 result[row[0]] = HealthRow(*row)
         return result
-
-
-def _statements(script: str) -> list[str]:
-    return [statement.strip() for statement in script.split(";") if statement.strip()]
 
 
 # --- reading files ---

@@ -5,8 +5,8 @@ same device id at two sites never collides. ``insert_batch`` commits a whole bat
 transaction and ignores records already present, which makes a batch sent again harmless.
 
 Several hub processes may share one store file: WAL lets readers run beside the writer, and
-writers wait up to ``BUSY_TIMEOUT_MS`` for each other. ``synchronous=FULL`` makes a commit
-durable before the hub sends its ack.
+writers wait up to ``edgenode.sqlite_db.BUSY_TIMEOUT_MS`` for each other.
+``synchronous=FULL`` makes a commit durable before the hub sends its ack.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgenode.sqlite_db import apply_migrations, open_durable, schema_version
+
 PUBLIC_KEY_BYTES = 32
-BUSY_TIMEOUT_MS = 10_000
 
 # Numbered migrations. Each one runs in a transaction that also records its number, so a
 # crash leaves either the old schema or the new one.
@@ -117,15 +118,9 @@ class HubStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: every transaction below is opened with an explicit BEGIN.
-        self._db = sqlite3.connect(
-            path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_durable(path)
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        apply_migrations(self._db, "schema_migrations", MIGRATIONS)
 
     def close(self) -> None:
         self._db.close()
@@ -141,34 +136,8 @@ class HubStore:
     ) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        for version, script in enumerate(MIGRATIONS, start=1):
-            # BEGIN IMMEDIATE takes the write lock first, so two hubs starting together apply
-            # each migration once, because the second one finds the version recorded.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                applied = self._db.execute(
-                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
-                ).fetchone()
-                if applied is None:
-                    for statement in _statements(script):
-                        self._db.execute(statement)
-                    self._db.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                        (version, time.time()),
-                    )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
     def schema_version(self) -> int:
-        row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-        return int(row[0] or 0)
+        return schema_version(self._db, "schema_migrations")
 
     # --- the device registry ---
 
@@ -274,10 +243,6 @@ class HubStore:
         )
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
-def _statements(script: str) -> list[str]:
-    return [statement.strip() for statement in script.split(";") if statement.strip()]
 
 
 def _device(row: tuple[Any, ...]) -> Device:
