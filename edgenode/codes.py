@@ -355,6 +355,27 @@ def sign_body(signed_part: bytes, signing_key: SigningKey) -> str:
     return PREFIX + str(base45.b45encode(signed_part + signature).decode("ascii"))
 
 
+def _mint(
+    signing_key: SigningKey,
+    code_type: CodeType,
+    type_fields: bytes,
+    *,
+    subject: bytes,
+    issued_at: int,
+    expires_at: int,
+    printed: bool,
+) -> str:
+    header = _encode_header(
+        code_type,
+        printed=printed,
+        key_id=key_id_for(bytes(signing_key.verify_key)),
+        issued_at=issued_at,
+        expires_at=expires_at,
+        subject=subject,
+    )
+    return sign_body(header + type_fields, signing_key)
+
+
 def encode_health(
     signing_key: SigningKey,
     *,
@@ -365,16 +386,15 @@ def encode_health(
     printed: bool = False,
 ) -> str:
     """Mint a signed health code and return its text."""
-    key_id = key_id_for(bytes(signing_key.verify_key))
-    header = _encode_header(
+    return _mint(
+        signing_key,
         CodeType.HEALTH,
-        printed=printed,
-        key_id=key_id,
+        bytes([colour]),
+        subject=subject,
         issued_at=issued_at,
         expires_at=expires_at,
-        subject=subject,
+        printed=printed,
     )
-    return sign_body(header + bytes([colour]), signing_key)
 
 
 def encode_community(
@@ -390,15 +410,6 @@ def encode_community(
     printed: bool = False,
 ) -> str:
     """Mint a signed community code and return its text."""
-    key_id = key_id_for(bytes(signing_key.verify_key))
-    header = _encode_header(
-        CodeType.COMMUNITY,
-        printed=printed,
-        key_id=key_id,
-        issued_at=issued_at,
-        expires_at=expires_at,
-        subject=subject,
-    )
     if not compound:
         raise ValueError("compound must not be empty")
     fields = (
@@ -407,4 +418,12 @@ def encode_community(
         + _encode_text(building, BUILDING_MAX_LEN, "building")
         + _encode_text(unit, UNIT_MAX_LEN, "unit")
     )
-    return sign_body(header + fields, signing_key)
+    return _mint(
+        signing_key,
+        CodeType.COMMUNITY,
+        fields,
+        subject=subject,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        printed=printed,
+    )
