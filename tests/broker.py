@@ -24,6 +24,8 @@ import pytest
 from nacl.signing import SigningKey
 
 from edgenode.config import SyncConfig
+from edgenode.policy import Outcome, Verdict
+from edgenode.reasons import Reason
 from sync.connection import Connection, NotConnected
 from sync.protocol import MessageError, Topics, decode_message, encode_message, trusted
 from sync.uplink import seq_ranges
@@ -33,6 +35,21 @@ MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
+
+
+# Verdicts that the sync tests record in gates' journals.
+ADMIT = Verdict(
+    outcome=Outcome.ADMIT,
+    reasons=(),
+    health_subject=bytes(range(16)),
+    community_subject=bytes(range(16, 32)),
+)
+DENY = Verdict(
+    outcome=Outcome.DENY,
+    reasons=(Reason.HEALTH_RED,),
+    health_subject=bytes(range(16)),
+    community_subject=bytes(range(16, 32)),
+)
 
 
 def free_port() -> int:

@@ -32,32 +32,17 @@ from edgenode.config import SyncConfig
 from edgenode.hub_cli import add_commands, load_hub_config
 from edgenode.i18n import translator
 from edgenode.journal import Journal
-from edgenode.policy import Outcome, Verdict
-from edgenode.reasons import Reason
 from sync.connection import Connection
 from sync.hub import Hub
 from sync.hub_store import HubStore, HubStoreError, WireRecord
 from sync.identity import ensure_device_key
 from sync.protocol import Topics, encode_message
 from sync.uplink import Uplink
-from tests.broker import Broker, broker
+from tests.broker import ADMIT, DENY, Broker, broker
 
 __all__ = ["broker"]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-ADMIT = Verdict(
-    outcome=Outcome.ADMIT,
-    reasons=(),
-    health_subject=bytes(range(16)),
-    community_subject=bytes(range(16, 32)),
-)
-DENY = Verdict(
-    outcome=Outcome.DENY,
-    reasons=(Reason.HEALTH_RED,),
-    health_subject=bytes(range(16)),
-    community_subject=bytes(range(16, 32)),
-)
 
 
 @dataclass

@@ -29,31 +29,16 @@ from nacl.signing import SigningKey
 from edgenode.config import SyncConfig, load_config
 from edgenode.i18n import translator
 from edgenode.journal import Journal
-from edgenode.policy import Outcome, Verdict
-from edgenode.reasons import Reason
 from edgenode.sync_cli import collect_status, format_status
 from sync.connection import Connection
 from sync.identity import DeviceKeyError, ensure_device_key
 from sync.protocol import encode_message
 from sync.uplink import STATE_FILE_NAME, TEST_KILL_ENV, Uplink, expand_ranges, seq_ranges
-from tests.broker import Broker, IngestPeer, broker
+from tests.broker import ADMIT, DENY, Broker, IngestPeer, broker
 
 __all__ = ["broker"]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-ADMIT = Verdict(
-    outcome=Outcome.ADMIT,
-    reasons=(),
-    health_subject=bytes(range(16)),
-    community_subject=bytes(range(16, 32)),
-)
-DENY = Verdict(
-    outcome=Outcome.DENY,
-    reasons=(Reason.HEALTH_RED,),
-    health_subject=bytes(range(16)),
-    community_subject=bytes(range(16, 32)),
-)
 
 
 @dataclass
