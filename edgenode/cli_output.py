@@ -1,4 +1,4 @@
-"""How verdicts are printed for people and for programs."""
+"""Verdict output for people (one line) and for programs (JSON)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the guard reads and hears for each verdict and reason, as gettext msgids."""
+"""Guard messages for each verdict and reason, as gettext msgids."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def reason_text(reason: Reason, translator: Translator) -> str:
 
 
 def describe(verdict: Verdict, translator: Translator) -> str:
-    """One line for the guard: the verdict word, then the reasons that matter."""
+    """Build one line for the guard: the verdict word, then the reasons that matter."""
     shown: list[Reason] = [r for r in verdict.reasons if r != Reason.HEALTH_GREEN]
     if not shown:
         shown = list(verdict.reasons)

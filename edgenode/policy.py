@@ -77,7 +77,7 @@ class ClockReading:
 @dataclass(frozen=True, slots=True)
 class Verdict:
     outcome: Outcome
-    # Most severe first. The first reason is the one the guard sees in large type.
+    # Most severe first. The guard screen shows the first reason in large type.
     reasons: tuple[Reason, ...]
     health_subject: bytes | None = None
     community_subject: bytes | None = None

@@ -19,7 +19,7 @@ from edgenode.reasons import Reason
 
 @dataclass(frozen=True, slots=True)
 class ReadError:
-    """Why a read produced no usable payload. ``reason`` is one of the read reasons."""
+    """The cause of a read without a usable payload. ``reason`` is one of the read reasons."""
 
     reason: Reason
     detail: str
@@ -47,7 +47,7 @@ class SourceState(StrEnum):
 
 @dataclass(slots=True)
 class SourceStatus:
-    """What a source reports about itself, for logs, `edgenode devices` and the guard screen."""
+    """A source's report on itself, for logs, `edgenode devices` and the guard screen."""
 
     state: SourceState = SourceState.STARTING
     # Device path or description of what is open, e.g. /dev/v4l/by-id/usb-...-video-index0.

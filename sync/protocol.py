@@ -82,7 +82,7 @@ class Topics:
 
 
 def hub_uplink_subscription() -> str:
-    """The shared subscription through which hub processes split every gate's uplink."""
+    """Return the shared subscription through which hub processes split every gate's uplink."""
     return f"$share/{HUB_GROUP}/{TOPIC_ROOT}/+/+/up/#"
 
 
@@ -96,7 +96,7 @@ def encode_message(body: Mapping[str, Any], signing_key: SigningKey) -> bytes:
 
 
 def signer_key_id(payload: bytes) -> bytes:
-    """The key id a message claims, before its signature is checked."""
+    """Return the key id a message claims, before its signature is checked."""
     if len(payload) < HEADER_LEN:
         raise MessageError("truncated", f"message of {len(payload)} bytes has no full header")
     return payload[1:5]

@@ -275,7 +275,7 @@ KEY_ID_OFFSET = 3
 
 @dataclass
 class Scenario:
-    """One row's situation: what is scanned, what the cache holds and what the clock says."""
+    """One row's situation: the scans, the cache contents and the clock reading."""
 
     # Each scan is the list of payloads read together (one frame, one photo).
     scans: list[list[str]]

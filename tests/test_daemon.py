@@ -49,7 +49,7 @@ def scan(source: str, *payloads: str) -> ScanEvent:
 
 
 async def run_until(daemon: Daemon, done: Callable[[], bool]) -> None:
-    """Run the daemon until ``done()`` holds (or a timeout passes), then stop it."""
+    """Run the daemon until ``done()`` returns true (or a timeout passes), then stop it."""
     task = asyncio.create_task(daemon.run())
     deadline = time.monotonic() + TIMEOUT_S
     while not done() and time.monotonic() < deadline and not task.done():

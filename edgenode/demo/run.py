@@ -373,7 +373,7 @@ def run_demo(folder: Path, *, people: int, tr: Translator, json_output: bool) ->
 
 
 def _person_at(spans: Sequence[PresentationSpan], at: float) -> int | None:
-    """The presentation a verdict belongs to: the last one that started at or before it."""
+    """Return the index of the presentation a verdict belongs to: the last one started by then."""
     index = None
     for i, span in enumerate(spans):
         if span.start_s <= at + 1e-6:
