@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import random
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,10 +165,6 @@ def load_records(path: Path) -> Iterator[dict[str, Any]]:
             raise ValueError(f"{path}: {dataset} must be a list")
         for row in rows:
             yield {"dataset": dataset, **row}
-
-
-def new_subject() -> bytes:
-    return secrets.token_bytes(16)
 
 
 def build_snapshot(
