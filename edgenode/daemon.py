@@ -22,6 +22,7 @@ import structlog
 from edgenode.cache import Cache
 from edgenode.config import Config
 from edgenode.decoders import create_decoder
+from edgenode.guard_desk import GuardSession, OverrideDecision, OverrideEvent
 from edgenode.journal import Journal
 from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
 from edgenode.sources import ScanEvent, Source, SourceState
@@ -39,6 +40,7 @@ SOURCE_CHECK_INTERVAL_S = 30.0
 RESTART_BACKOFF_MAX_S = 30.0
 
 VerdictListener = Callable[[VerdictEvent], None]
+OverrideListener = Callable[[OverrideEvent], None]
 # A named background coroutine that runs as long as the daemon, such as the MQTT uplink.
 Service = tuple[str, Callable[[], Awaitable[None]]]
 
@@ -52,10 +54,12 @@ class Daemon:
         listeners: Sequence[VerdictListener] = (),
         services: Sequence[Service] = (),
         clock: WallClock = system_clock,
+        override_listeners: Sequence[OverrideListener] = (),
     ) -> None:
         self.config = config
         self.sources = list(sources)
         self.listeners = list(listeners)
+        self.override_listeners = list(override_listeners)
         self.services = list(services)
         self.clock = clock
         self.scans_dropped = 0
@@ -238,6 +242,38 @@ class Daemon:
                     listener(event)
                 except Exception as exc:
                     log.exception("listener_failed", seq=event.record.seq, error=repr(exc))
+
+    # --- the guard's desk ---
+
+    @property
+    def guard_session(self) -> GuardSession | None:
+        """The signed-in guard's shift, or None when no guard is signed in or the shift ended."""
+        raise NotImplementedError
+
+    async def sign_in(self, guard_id: str, pin: str) -> GuardSession:
+        """Start a guard's shift. Raises SignInError with a reason code on a rejected PIN."""
+        raise NotImplementedError
+
+    def sign_out(self) -> None:
+        """End the current shift, if any."""
+        raise NotImplementedError
+
+    async def check_id_number(self, id_number: str) -> VerdictEvent:
+        """Decide on a resident by ID number, journal the verdict and notify every listener.
+
+        Raises IdCheckError with a reason code for a malformed number, before any lookup.
+        """
+        raise NotImplementedError
+
+    async def override(
+        self, verdict_seq: int, decision: OverrideDecision, reason: str
+    ) -> OverrideEvent:
+        """Journal the signed-in guard's override of a review or deny verdict.
+
+        Raises OverrideError with a reason code when no guard is signed in, the verdict does
+        not exist, is not a review or deny, or was overridden before.
+        """
+        raise NotImplementedError
 
     # --- sources and services ---
 
