@@ -23,8 +23,10 @@ from edgenode.cache import Cache
 from edgenode.config import Config
 from edgenode.decoders import create_decoder
 from edgenode.guard_desk import GuardSession, OverrideDecision, OverrideEvent
+from edgenode.i18n import N_, language_from_env, translator
 from edgenode.journal import Journal
 from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
+from edgenode.sd_notify import Notifier
 from edgenode.sources import ScanEvent, Source, SourceState
 
 log = structlog.get_logger("edgenode.daemon")
@@ -55,6 +57,7 @@ class Daemon:
         services: Sequence[Service] = (),
         clock: WallClock = system_clock,
         override_listeners: Sequence[OverrideListener] = (),
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.sources = list(sources)
@@ -62,6 +65,9 @@ class Daemon:
         self.override_listeners = list(override_listeners)
         self.services = list(services)
         self.clock = clock
+        # Readiness, watchdog pings and status lines for systemd. Outside a unit they do nothing.
+        self.systemd = notifier if notifier is not None else Notifier.from_environment()
+        self._tr = translator(config.display.language or language_from_env())
         self.scans_dropped = 0
         self._stop = asyncio.Event()
         self._signals = 0
@@ -109,9 +115,11 @@ class Daemon:
         pipeline = asyncio.create_task(self._consume(), name="pipeline")
         ticker = asyncio.create_task(self._tick(), name="pairing-ticker")
         watcher = asyncio.create_task(self._watch_sources(), name="source-watcher")
+        self.systemd.ready(self._sources_status())
         try:
             await self._stop.wait()
         finally:
+            self.systemd.stopping(self._tr.gettext(N_("Stopping: deciding the queued scans")))
             # Sources first, so that nothing new arrives while the queue drains. Unsent records
             # stay in the journal for the next start, so services stop with them.
             for task in source_tasks + service_tasks:
@@ -199,6 +207,13 @@ class Daemon:
             states = {source.name: source.status.state.value for source in self.sources}
             if states and SourceState.CONNECTED.value not in states.values():
                 log.warning("no_source_connected", sources=states)
+            self.systemd.status(self._sources_status())
+
+    def _sources_status(self) -> str:
+        connected = sum(source.status.state == SourceState.CONNECTED for source in self.sources)
+        return self._tr.gettext(N_("Running: {connected} of {total} sources connected")).format(
+            connected=connected, total=len(self.sources)
+        )
 
     async def _in_pipeline(self, function: Callable[..., None], *args: object) -> None:
         loop = asyncio.get_running_loop()
@@ -230,6 +245,9 @@ class Daemon:
 
     def _expire(self) -> None:
         self._notify(self._require_gate().tick(time.monotonic()))
+        # The watchdog is pinged only here, on the pipeline thread after a tick that ran, so a
+        # pipeline stuck in a scan or a write stops the pings and systemd restarts the daemon.
+        self.systemd.watchdog()
 
     def _flush(self) -> None:
         if self._gate is not None:

@@ -4,21 +4,42 @@ Each record carries a per-device sequence number that never repeats (AUTOINCREME
 high-water mark even after rows are deleted) and the SHA-256 of the record before it, so a
 deleted or edited record is detected by ``verify``. Records hold pseudonymous subjects and
 reason codes, never a raw payload or an ID number.
+
+Retention: ``purge`` deletes the oldest records once the district has acked them and they are
+older than the retention period. It deletes only a prefix of the chain and stores the last
+deleted record's seq and hash as the anchor, so ``verify`` checks the rest from there.
+
+SD-card wear: every commit is synchronous=FULL (one fsync of the write-ahead log), because a
+verdict that the guard has seen must survive a power cut. ``append_verdicts`` commits all the
+verdicts resolved together in one transaction, frames without a code never write, and
+journal_size_limit truncates the write-ahead log after each checkpoint, so it stays small.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from edgenode.policy import Verdict
+from edgenode.sqlite_db import (
+    BUSY_TIMEOUT_MS,
+    backup_before_migration,
+    is_corruption,
+    move_aside,
+    remove_old_backups,
+)
+
+log = structlog.get_logger("edgenode.journal")
 
 GENESIS_HASH = bytes(32)
 # Host parameters per statement, well below SQLite's default limit of 32,766.
@@ -54,7 +75,24 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX records_unacked_deny ON records (seq) WHERE acked_at IS NULL AND verdict = 'deny';
     CREATE TABLE outbox_state (name TEXT PRIMARY KEY, value REAL NOT NULL);
     """,
+    # 3: the retention anchor, the seq and hash of the last purged record. verify starts the
+    # chain from it instead of from the genesis hash.
+    """
+    CREATE TABLE chain_anchor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        purged_records INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    )
+    """,
 )
+
+# The write-ahead log is truncated to this size after a checkpoint (SQLite's
+# journal_size_limit). Checkpoints run every 1,000 pages, SQLite's default.
+WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+# Records deleted per purge transaction, so one purge never grows the write-ahead log much.
+PURGE_CHUNK_RECORDS = 5_000
 
 # Upper bound on one page of unacked_records, so a caller never loads the whole backlog.
 MAX_PAGE_RECORDS = 10_000
@@ -76,6 +114,25 @@ _COLUMNS = (
 
 class JournalError(Exception):
     """The journal file cannot be opened or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainAnchor:
+    """Where the stored chain starts: the seq and hash of the last purged record."""
+
+    seq: int
+    hash: bytes
+    purged_records: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictEntry:
+    """One verdict to record, for ``append_verdicts``."""
+
+    verdict: Verdict
+    station: str
+    recorded_at: float
+    latency_ms: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +200,17 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply pending migrations, after backing up a journal that already has records."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
     )
     applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    pending = [v for v in range(1, len(_MIGRATIONS) + 1) if v not in applied]
+    if not pending:
+        return
+    backup = backup_before_migration(conn, path, max(applied, default=0)) if applied else None
     for version, script in enumerate(_MIGRATIONS, start=1):
         if version in applied:
             continue
@@ -160,20 +222,76 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                 (version, time.time()),
             )
+    if backup is not None:
+        remove_old_backups(path, keep=backup)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        _migrate(conn, path)
+        # Reads a page of each table, so a damaged header or schema shows up here.
+        conn.execute("SELECT COUNT(*) FROM (SELECT seq FROM records ORDER BY seq DESC LIMIT 1)")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class Journal:
-    def __init__(self, path: Path, device_id: str) -> None:
+    """The journal file. ``moved_aside`` names the corrupt file replaced at open, if any.
+
+    With ``recover_corrupt`` set, a file that SQLite reports as corrupt is renamed with a
+    timestamp (never deleted) and a fresh journal takes its place. Its sequence starts above
+    any seq the old file can have used, so the district never takes a new record for a
+    duplicate. Without it, a corrupt file raises JournalError.
+    """
+
+    def __init__(self, path: Path, device_id: str, *, recover_corrupt: bool = False) -> None:
         self.path = path
         self.device_id = device_id
+        self.moved_aside: Path | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            _migrate(self._conn)
+            self._conn = _connect(path)
         except sqlite3.Error as exc:
-            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+            if not (recover_corrupt and is_corruption(exc)):
+                raise JournalError(f"cannot open journal {path}: {exc}") from exc
+            self._conn = self._replace_corrupt(exc)
+
+    def _replace_corrupt(self, error: sqlite3.Error) -> sqlite3.Connection:
+        floor = _salvage_high_water(self.path)
+        self.moved_aside = move_aside(self.path)
+        log.error(
+            "journal_corrupt",
+            path=str(self.path),
+            moved_to=str(self.moved_aside),
+            error=str(error),
+            device=self.device_id,
+        )
+        # NOTE: when nothing can be read from the old file, the new sequence starts at the
+        # current Unix time in milliseconds. That is above any count of records a gate can
+        # have written, unless a clock far behind repeats an earlier replacement.
+        start = max(floor, int(time.time() * 1000))
+        try:
+            conn = _connect(self.path)
+            with transaction(conn):
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (start,)
+                )
+                conn.execute(
+                    "INSERT INTO chain_anchor (id, seq, hash, purged_records, updated_at) "
+                    "VALUES (1, ?, ?, 0, ?)",
+                    (start, GENESIS_HASH, time.time()),
+                )
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot create a fresh journal {self.path}: {exc}") from exc
+        return conn
 
     def append_verdict(
         self,
@@ -184,44 +302,63 @@ class Journal:
         latency_ms: float | None,
     ) -> JournalRecord:
         """Durably record a verdict and return the stored record with its sequence number."""
+        entry = VerdictEntry(verdict, station, recorded_at, latency_ms)
+        return self.append_verdicts([entry])[0]
+
+    def append_verdicts(self, entries: Sequence[VerdictEntry]) -> list[JournalRecord]:
+        """Durably record verdicts in one commit; return the stored records in order."""
+        if not entries:
+            return []
         with transaction(self._conn) as conn:
-            row = conn.execute("SELECT hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-            prev_hash = GENESIS_HASH if row is None else bytes(row[0])
-            cursor = conn.execute(
-                "INSERT INTO records (kind, device_id, station, recorded_at, clock_trusted, "
-                "verdict, reasons, health_subject, community_subject, latency_ms, prev_hash, "
-                "hash) VALUES ('verdict', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(32))",
-                (
-                    self.device_id,
-                    station,
-                    recorded_at,
-                    int(verdict.clock_trusted),
-                    verdict.outcome.value,
-                    json.dumps([str(reason) for reason in verdict.reasons]),
-                    _hex(verdict.health_subject),
-                    _hex(verdict.community_subject),
-                    latency_ms,
-                    prev_hash,
-                ),
-            )
-            seq = int(cursor.lastrowid or 0)
-            record = JournalRecord(
-                seq=seq,
-                kind="verdict",
-                device_id=self.device_id,
-                station=station,
-                recorded_at=recorded_at,
-                clock_trusted=verdict.clock_trusted,
-                verdict=verdict.outcome.value,
-                reasons=tuple(str(reason) for reason in verdict.reasons),
-                health_subject=_hex(verdict.health_subject),
-                community_subject=_hex(verdict.community_subject),
-                latency_ms=latency_ms,
-            )
-            conn.execute(
-                "UPDATE records SET hash = ? WHERE seq = ?", (chain_hash(prev_hash, record), seq)
-            )
-        return record
+            prev_hash = self._last_hash(conn)
+            records = []
+            for entry in entries:
+                record = self._insert(conn, entry, prev_hash)
+                prev_hash = chain_hash(prev_hash, record)
+                conn.execute("UPDATE records SET hash = ? WHERE seq = ?", (prev_hash, record.seq))
+                records.append(record)
+        return records
+
+    def _last_hash(self, conn: sqlite3.Connection) -> bytes:
+        row = conn.execute("SELECT hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None:
+            return bytes(row[0])
+        return self.anchor().hash
+
+    def _insert(
+        self, conn: sqlite3.Connection, entry: VerdictEntry, prev_hash: bytes
+    ) -> JournalRecord:
+        verdict = entry.verdict
+        cursor = conn.execute(
+            "INSERT INTO records (kind, device_id, station, recorded_at, clock_trusted, "
+            "verdict, reasons, health_subject, community_subject, latency_ms, prev_hash, "
+            "hash) VALUES ('verdict', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(32))",
+            (
+                self.device_id,
+                entry.station,
+                entry.recorded_at,
+                int(verdict.clock_trusted),
+                verdict.outcome.value,
+                json.dumps([str(reason) for reason in verdict.reasons]),
+                _hex(verdict.health_subject),
+                _hex(verdict.community_subject),
+                entry.latency_ms,
+                prev_hash,
+            ),
+        )
+        return JournalRecord(
+            seq=int(cursor.lastrowid or 0),
+            kind="verdict",
+            device_id=self.device_id,
+            station=entry.station,
+            recorded_at=entry.recorded_at,
+            clock_trusted=verdict.clock_trusted,
+            verdict=verdict.outcome.value,
+            reasons=tuple(str(reason) for reason in verdict.reasons),
+            health_subject=_hex(verdict.health_subject),
+            community_subject=_hex(verdict.community_subject),
+            latency_ms=entry.latency_ms,
+        )
 
     def records(self, after_seq: int = 0) -> Iterator[tuple[JournalRecord, bytes, bytes]]:
         """Yield (record, prev_hash, hash) in sequence order."""
@@ -240,16 +377,35 @@ class Journal:
     def count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
 
+    def verdict_counts_since(self, since: float) -> dict[str, int]:
+        """Count verdict records per verdict value recorded at or after ``since`` (epoch s)."""
+        rows = self._conn.execute(
+            "SELECT verdict, COUNT(*) FROM records WHERE kind = 'verdict' AND recorded_at >= ? "
+            "GROUP BY verdict",
+            (since,),
+        )
+        return {str(verdict): int(count) for verdict, count in rows}
+
     def high_water_mark(self) -> int:
         row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'")
         found = row.fetchone()
         return 0 if found is None else int(found[0])
 
+    def anchor(self) -> ChainAnchor:
+        """Return where the stored chain starts: the genesis hash until the first purge."""
+        row = self._conn.execute(
+            "SELECT seq, hash, purged_records FROM chain_anchor WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return ChainAnchor(0, GENESIS_HASH, 0)
+        return ChainAnchor(int(row[0]), bytes(row[1]), int(row[2]))
+
     def verify(self) -> list[ChainProblem]:
-        """Check the whole chain. An empty list means it is intact."""
+        """Check the chain from the anchor on. An empty list means it is intact."""
         problems: list[ChainProblem] = []
-        expected_prev = GENESIS_HASH
-        expected_seq = 1
+        anchor = self.anchor()
+        expected_prev = anchor.hash
+        expected_seq = anchor.seq + 1
         for record, prev_hash, stored_hash in self.records():
             if record.seq != expected_seq:
                 problems.append(
@@ -267,6 +423,45 @@ class Journal:
                 ChainProblem(high_water, f"records {expected_seq}..{high_water} missing at the end")
             )
         return problems
+
+    # --- retention ---
+
+    def purge(self, older_than: float, *, chunk: int = PURGE_CHUNK_RECORDS) -> int:
+        """Delete acked records recorded before ``older_than``; return how many were deleted.
+
+        Only the oldest run of such records goes, up to the first record that is unacked or
+        newer, so the rest of the chain stays whole. Each chunk commits together with the new
+        anchor. The sequence's high-water mark stays in sqlite_sequence, so no seq repeats.
+        """
+        deleted = 0
+        while True:
+            with transaction(self._conn) as conn:
+                rows = conn.execute(
+                    "SELECT seq, hash, acked_at IS NOT NULL AND recorded_at < ? FROM records "
+                    "ORDER BY seq LIMIT ?",
+                    (older_than, chunk),
+                ).fetchall()
+                expired = list(itertools.takewhile(lambda row: bool(row[2]), rows))
+                if not expired:
+                    break
+                last_seq, last_hash = int(expired[-1][0]), bytes(expired[-1][1])
+                cursor = conn.execute("DELETE FROM records WHERE seq <= ?", (last_seq,))
+                deleted += cursor.rowcount
+                conn.execute(
+                    "INSERT INTO chain_anchor (id, seq, hash, purged_records, updated_at) "
+                    "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, "
+                    "hash = excluded.hash, "
+                    "purged_records = chain_anchor.purged_records + excluded.purged_records, "
+                    "updated_at = excluded.updated_at",
+                    (last_seq, last_hash, cursor.rowcount, time.time()),
+                )
+            if len(expired) < chunk:
+                break
+        if deleted:
+            # Hands the freed pages back and truncates the write-ahead log to its size limit.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            log.info("journal_purged", records=deleted, anchor_seq=self.anchor().seq)
+        return deleted
 
     # --- the outbox ---
 
@@ -357,6 +552,27 @@ class Journal:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _salvage_high_water(path: Path) -> int:
+    """Read the highest seq a damaged journal used, or 0 if nothing can be read."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0
+    found = 0
+    for sql in (
+        "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+        "SELECT MAX(seq) FROM records",
+    ):
+        try:
+            row = conn.execute(sql).fetchone()
+        except sqlite3.Error:
+            continue
+        if row is not None and row[0] is not None:
+            found = max(found, int(row[0]))
+    conn.close()
+    return found
 
 
 def _hex(value: bytes | None) -> str | None:

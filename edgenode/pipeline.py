@@ -18,7 +18,7 @@ from edgenode.cache import Cache
 from edgenode.codes import ParseResult, parse_payload
 from edgenode.config import Config
 from edgenode.decoders import Decoder, Frame
-from edgenode.journal import Journal, JournalRecord
+from edgenode.journal import Journal, JournalRecord, VerdictEntry
 from edgenode.pairing import Lone, Pair, Pairer, PairingResult, Unreadable
 from edgenode.policy import ClockReading, Outcome, Verdict, decide, incomplete, unrecognised
 from edgenode.sources import ReadError
@@ -29,8 +29,11 @@ WallClock = Callable[[], ClockReading]
 
 
 def system_clock() -> ClockReading:
-    # NOTE: the clock counts as synchronised until the NTP check exists; the policy still
-    # rejects times before the build date or the last sync.
+    """Read the wall clock and trust it, for replays and tests.
+
+    ``edgenode run`` uses edgenode.clock.ClockGuard instead, which trusts the clock only once
+    NTP or the district vouches for it.
+    """
     return ClockReading(now=time.time(), synchronised=True)
 
 
@@ -97,12 +100,12 @@ class Gate:
     def _resolve(
         self, results: list[PairingResult], station: str | None, at: float, received: float
     ) -> list[VerdictEvent]:
-        events = []
+        decided = []
         for result in results:
             clock = self.clock()
-            verdict = self._verdict(result, clock)
             source_time = result.seen_at if isinstance(result, Lone) else at
-            events.append(self._record(verdict, clock, station, source_time, received))
+            decided.append((self._verdict(result, clock), clock, source_time))
+        events = self._record_all(decided, station, received)
         self._forget_old_admits()
         return events
 
@@ -123,27 +126,49 @@ class Gate:
         source_time: float,
         received: float,
     ) -> VerdictEvent:
+        return self._record_all([(verdict, clock, source_time)], station, received)[0]
+
+    def _record_all(
+        self,
+        decided: list[tuple[Verdict, ClockReading, float]],
+        station: str | None,
+        received: float,
+    ) -> list[VerdictEvent]:
+        """Commit verdicts decided together in one transaction, so they cost one fsync.
+
+        The commit returns before any caller can show a verdict, so a verdict on screen is
+        always on disk. Each item is (verdict, clock reading, source time).
+        """
+        if not decided:
+            return []
         latency_ms = (time.perf_counter() - received) * 1000
-        record = self.journal.append_verdict(
-            verdict,
-            station=station or self.config.device.station,
-            recorded_at=clock.now,
-            latency_ms=latency_ms,
-        )
-        if verdict.outcome == Outcome.ADMIT:
-            for code_id in verdict.code_ids:
-                self._last_admit[code_id] = clock.now
-        log.info(
-            "verdict_recorded",
-            seq=record.seq,
-            verdict=record.verdict,
-            reasons=list(record.reasons),
-            station=record.station,
-            device=record.device_id,
-            latency_ms=round(latency_ms, 3),
-            detail=verdict.detail or None,
-        )
-        return VerdictEvent(record, verdict, record.station, source_time)
+        entries = [
+            VerdictEntry(
+                verdict,
+                station=station or self.config.device.station,
+                recorded_at=clock.now,
+                latency_ms=latency_ms,
+            )
+            for verdict, clock, _ in decided
+        ]
+        records = self.journal.append_verdicts(entries)
+        events = []
+        for record, (verdict, clock, source_time) in zip(records, decided, strict=True):
+            if verdict.outcome == Outcome.ADMIT:
+                for code_id in verdict.code_ids:
+                    self._last_admit[code_id] = clock.now
+            log.info(
+                "verdict_recorded",
+                seq=record.seq,
+                verdict=record.verdict,
+                reasons=list(record.reasons),
+                station=record.station,
+                device=record.device_id,
+                latency_ms=round(latency_ms, 3),
+                detail=verdict.detail or None,
+            )
+            events.append(VerdictEvent(record, verdict, record.station, source_time))
+        return events
 
     def _verdict(self, result: PairingResult, clock: ClockReading) -> Verdict:
         if isinstance(result, Pair):
