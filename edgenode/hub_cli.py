@@ -4,6 +4,8 @@ The hub reads a small TOML file of its own, for example::
 
     hub_id = "hub-a"                 # optional, default: the host name
     store = "hub.db"                 # relative paths are relative to this file
+    # or PostgreSQL, with the password in ~/.pgpass rather than here:
+    # store = "postgresql://hub@db.district.example:5432/edgenode?sslmode=verify-full"
     district_key_file = "district.key"
 
     [broker]
@@ -29,15 +31,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import structlog
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from edgenode.config import SyncConfig, TlsConfig
 from edgenode.district import KeyFileError, read_key
 from edgenode.district_cli import DistrictError
 from edgenode.i18n import Translator, language_from_env, translator
 from edgenode.logs import configure_logging
+from sync.alarms import AlarmChecker
+from sync.feeds import FeedStore
 from sync.hub import Hub
-from sync.hub_store import PUBLIC_KEY_BYTES, HubStore, HubStoreError
+from sync.hub_store import PUBLIC_KEY_BYTES, HubStoreError
+from sync.publisher import IssuerKey, Publisher, read_issuer_keys
+from sync.store_backend import (
+    HubStoreBackend,
+    PostgresUrl,
+    StoreLocation,
+    StoreUnavailable,
+    open_store,
+    parse_store_location,
+)
+
+log = structlog.get_logger("edgenode.hub_cli")
 
 
 class _Strict(BaseModel):
@@ -72,13 +88,38 @@ class HubBrokerConfig(_Strict):
         )
 
 
+def _store_location(value: object) -> object:
+    """Read ``store`` as a PostgresUrl (``postgresql://``) or a Path; other values pass on."""
+    return parse_store_location(value) if isinstance(value, str) else value
+
+
 class HubConfig(_Strict):
     hub_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = Field(
         default=None, description="Name of this hub in logs and client ids (default: host name)."
     )
-    store: Path = Field(description="SQLite store file, shared by the hubs of one district.")
+    store: Annotated[StoreLocation, BeforeValidator(_store_location)] = Field(
+        description="The hub store shared by the hubs of one district: a SQLite file, or a "
+        "postgresql:// URL (libpq syntax) for hubs on several machines."
+    )
     district_key_file: Path = Field(description="District signing key, for the acks.")
+    id_lookup_key_file: Path | None = Field(
+        default=None,
+        description="District ID lookup key: roster ID numbers are stored as keyed hashes "
+        "under it. Unset drops ID numbers at import.",
+    )
     broker: HubBrokerConfig = Field(default_factory=HubBrokerConfig)
+
+    def sqlite_store(self) -> Path:
+        """Return the SQLite store file. Raises DistrictError when ``store`` is PostgreSQL.
+
+        Feeds, dataset publishing and reports still read the SQLite file.
+        """
+        if isinstance(self.store, PostgresUrl):
+            raise DistrictError(
+                f"this command needs a SQLite store file, and the hub config's store is "
+                f"PostgreSQL ({self.store}): run it against a hub config with a store file"
+            )
+        return self.store
 
 
 def load_hub_config(path: Path) -> HubConfig:
@@ -115,8 +156,9 @@ def _resolve_paths(config: HubConfig, folder: Path) -> HubConfig:
     broker = broker.model_copy(update={"tls": tls, "password_file": resolve(broker.password_file)})
     return config.model_copy(
         update={
-            "store": resolve(config.store),
+            "store": resolve(config.store) if isinstance(config.store, Path) else config.store,
             "district_key_file": resolve(config.district_key_file),
+            "id_lookup_key_file": resolve(config.id_lookup_key_file),
             "broker": broker,
         }
     )
@@ -131,13 +173,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         district_key = read_key(config.district_key_file)
     except KeyFileError as exc:
         raise DistrictError(str(exc)) from exc
+    issuers: list[IssuerKey] | None
+    try:
+        issuers = read_issuer_keys(config.district_key_file.parent)
+    except KeyFileError as exc:
+        # A hub that only ingests can run without the issuer keys, but then it cannot build
+        # the snapshots that gates request.
+        issuers = None
+        log.warning("requests_not_served", reason="issuer_keys_unreadable", error=str(exc))
     hub = Hub(
         config.broker.sync_config(),
         store_path=config.store,
         district_key=district_key,
         hub_id=config.hub_id,
     )
-    asyncio.run(_serve(hub))
+    with FeedStore(config.store) as feeds:
+        # The hub answers gates' chunk and snapshot requests and raises alarms over its own
+        # connection, so each request and each batch is handled by one hub of the group.
+        if issuers is not None:
+            hub.publisher = Publisher(
+                feeds, hub.connection, district_key=district_key, issuers=issuers
+            )
+        hub.alarm_checker = AlarmChecker(
+            config.store, connection=hub.connection, district_key=district_key
+        )
+        try:
+            asyncio.run(_serve(hub))
+        finally:
+            hub.alarm_checker.close()
     return 0
 
 
@@ -172,8 +235,11 @@ def _public_key(value: str) -> bytes:
     return key
 
 
-def _open_store(args: argparse.Namespace) -> HubStore:
-    return HubStore(load_hub_config(Path(args.config)).store)
+def _open_store(args: argparse.Namespace) -> HubStoreBackend:
+    try:
+        return open_store(load_hub_config(Path(args.config)).store)
+    except StoreUnavailable as exc:
+        raise DistrictError(str(exc)) from exc
 
 
 def _cmd_devices_add(args: argparse.Namespace) -> int:

@@ -14,6 +14,12 @@ Alarm kinds:
   more than ``silent_after_s`` ago, or that has sent no record since it was registered.
 - ``stale_cache``: a gate whose records carry the reason ``cache_stale``.
 
+The hub's ingest raises five more through ``AlarmChecker.raise_alarms``: ``unknown_device``
+(a batch from a gate not in the registry, or disabled), ``forged_batch`` (a bad signature, or
+a gate's key signing for another gate), ``bad_record`` (records that failed validation),
+``record_conflict`` (a seq sent again with another hash) and ``chain_break`` (a record whose
+hash chain does not link to its stored neighbours).
+
 Logs and messages name subjects only by the pseudonymous hex that gates send, and never
 carry a payload.
 """
@@ -50,6 +56,12 @@ class AlarmKind(StrEnum):
     CODE_SHARING = "code_sharing"
     DEVICE_SILENT = "device_silent"
     STALE_CACHE = "stale_cache"
+    # Raised by the hub's ingest (sync/hub.py) rather than by the checks over stored records.
+    UNKNOWN_DEVICE = "unknown_device"
+    FORGED_BATCH = "forged_batch"
+    BAD_RECORD = "bad_record"
+    RECORD_CONFLICT = "record_conflict"
+    CHAIN_BREAK = "chain_break"
 
 
 def alarm_topic(site: str) -> str:
@@ -294,6 +306,10 @@ class AlarmChecker:
         alarms += code_sharing_alarms(records, now, self.sharing_window_s)
         gates = [gate for gate in self._reader.last_received() if site is None or gate[0] == site]
         alarms += silent_device_alarms(gates, now, self.silent_after_s)
+        return self._admit(alarms)
+
+    def raise_alarms(self, alarms: Iterable[Alarm]) -> list[Alarm]:
+        """Apply the repeat limit to alarms raised elsewhere, log them and return the rest."""
         return self._admit(alarms)
 
     async def publish(self, alarms: Iterable[Alarm]) -> int:

@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -40,8 +39,10 @@ import structlog
 from nacl.signing import SigningKey
 
 from edgenode.config import SyncConfig
+from sync.alarms import Alarm, AlarmChecker, AlarmKind
 from sync.connection import Connection, NotConnected
-from sync.hub_store import Device, HubStore, WireRecord, parse_records
+from sync.enrollment import ENROLL_KIND, EnrollmentService
+from sync.hub_store import BatchResult, Device, InvalidRecord, WireRecord, parse_records
 from sync.protocol import (
     TOPIC_ROOT,
     MessageError,
@@ -51,6 +52,8 @@ from sync.protocol import (
     hub_uplink_subscription,
     trusted,
 )
+from sync.publisher import Publisher
+from sync.store_backend import HubStoreBackend, StoreLocation, StoreUnavailable, open_store
 from sync.uplink import seq_ranges
 
 log = structlog.get_logger("sync.hub")
@@ -62,9 +65,17 @@ HUB_SITE = "district"
 LANES = frozenset({"normal", "priority"})
 # Alarms counted for rejected batches. A disabled gate counts as unknown_device, because it
 # is not an enabled member of the registry.
-ALARM_UNKNOWN_DEVICE = "unknown_device"
-ALARM_FORGED_BATCH = "forged_batch"
+ALARM_UNKNOWN_DEVICE = str(AlarmKind.UNKNOWN_DEVICE)
+ALARM_FORGED_BATCH = str(AlarmKind.FORGED_BATCH)
+# Counted for every rejected enroll request (sync/enrollment.py), whatever the reason.
+ALARM_ENROLL_REJECTED = "enroll_rejected"
 _SIGNATURE_REASONS = frozenset({"unknown_signer", "bad_signature"})
+# Stored batches waiting for their alarm checks. When the checks fall this far behind, a
+# batch's checks are skipped and logged, and the periodic sweep still covers silent gates.
+MAX_PENDING_CHECKS = 1024
+# Gates' requests (chunks, snapshots) served at the same time by one hub process.
+MAX_PENDING_REQUESTS = 64
+SILENT_CHECK_INTERVAL_S = 60.0
 
 
 class _Rejected(Exception):
@@ -97,11 +108,20 @@ class Hub:
         self,
         sync: SyncConfig,
         *,
-        store_path: Path,
+        store_path: StoreLocation,
         district_key: SigningKey,
         hub_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        alarm_checker: AlarmChecker | None = None,
+        publisher: Publisher | None = None,
+        silent_check_interval_s: float = SILENT_CHECK_INTERVAL_S,
     ) -> None:
+        """Set up the hub. With an ``alarm_checker``, stored batches and rejections raise
+        alarms; with a ``publisher``, gates' requests for chunks and snapshots are served.
+
+        Both send over ``self.connection``, so a caller that builds them after the hub sets
+        them as attributes before ``run()``, as ``edgenode district serve`` does.
+        """
         self.hub_id = hub_id or default_hub_id()
         self.store_path = store_path
         self.clock = clock
@@ -117,25 +137,54 @@ class Hub:
             session_expiry_s=0,
         )
         self.connection.subscribe(hub_uplink_subscription(), self._on_message)
+        self._enrollment = EnrollmentService(
+            self.connection,
+            district_key=district_key,
+            in_store=self._in_store,
+            store=self._require_store,
+            on_rejected=self._enroll_rejected,
+            clock=clock,
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
-        self._store: HubStore | None = None
+        self._store: HubStoreBackend | None = None
+        self.alarm_checker = alarm_checker
+        self.publisher = publisher
+        self.silent_check_interval_s = silent_check_interval_s
+        # The checker reads the store through its own connection, on its own thread, so the
+        # checks never delay the next batch's commit and ack.
+        self._alarm_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-alarms")
+        self._checks: asyncio.Queue[_Check] = asyncio.Queue(maxsize=MAX_PENDING_CHECKS)
+        self._requests: set[asyncio.Task[None]] = set()
         self.alarms: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.stored_records = 0
         self.duplicate_records = 0
         self.acks_sent = 0
+        self.store_failures = 0
+        self.checks_skipped = 0
+        self.requests_skipped = 0
 
     async def run(self) -> None:
         """Open the store and ingest until cancelled."""
-        self._store = await self._in_store(HubStore, self.store_path)
+        self._store = await self._in_store(open_store, self.store_path)
         log.info("hub_started", hub_id=self.hub_id, store=str(self.store_path))
+        workers = []
+        if self.alarm_checker is not None:
+            workers = [
+                asyncio.create_task(self._run_checks(), name="hub-alarm-checks"),
+                asyncio.create_task(self._check_silent_gates(), name="hub-silent-check"),
+            ]
         try:
             await self.connection.run()
         finally:
+            for task in [*workers, *self._requests]:
+                task.cancel()
+            await asyncio.gather(*workers, *self._requests, return_exceptions=True)
             store = self._store
             self._store = None
             await asyncio.get_running_loop().run_in_executor(self._executor, store.close)
             self._executor.shutdown(wait=False)
+            self._alarm_executor.shutdown(wait=False)
             log.info("hub_stopped", hub_id=self.hub_id)
 
     # --- messages ---
@@ -144,6 +193,10 @@ class Hub:
         uplink = _parse_topic(str(message.topic))
         if uplink is None:
             log.warning("message_ignored", reason="unexpected_topic", topic=str(message.topic))
+            return
+        if uplink.kind == ENROLL_KIND:
+            # A gate that enrolls is not in the registry yet: its message carries its own key.
+            await self._enrollment.handle(uplink.site, uplink.device, message.payload)
             return
         payload = message.payload
         try:
@@ -160,15 +213,39 @@ class Hub:
         except _Rejected as exc:
             self._reject(exc, uplink, batch_id=None)
             return
+        except StoreUnavailable as exc:
+            self._store_failed(exc, uplink, batch_id=None)
+            return
 
         kind = body["type"]
         if kind == "batch":
             await self._on_batch(device, uplink, body)
         elif kind == "alarm":
             _log_gate_alarm(uplink, body)
+        elif kind == "request" and self.publisher is not None:
+            self._serve_request(self.publisher, uplink, body)
         else:
-            # Requests for snapshots and chunks are served by a later part of the hub.
             log.info("message_ignored", reason="unexpected_type", type=kind, **_ids(uplink))
+
+    def _serve_request(self, publisher: Publisher, uplink: _Uplink, body: dict[str, Any]) -> None:
+        """Serve a gate's request in its own task, so a long snapshot send does not hold up
+        the batches behind it. The gate asks again if the answer never comes."""
+        if len(self._requests) >= MAX_PENDING_REQUESTS:
+            self.requests_skipped += 1
+            log.warning(
+                "request_skipped",
+                reason="too_many_pending",
+                pending=len(self._requests),
+                skipped_total=self.requests_skipped,
+                **_ids(uplink),
+            )
+            return
+        task = asyncio.create_task(
+            publisher.handle_request(uplink.site, uplink.device, body),
+            name=f"hub-request-{uplink.site}-{uplink.device}",
+        )
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _on_batch(self, device: Device, uplink: _Uplink, body: dict[str, Any]) -> None:
         batch_id = body.get("batch_id")
@@ -179,34 +256,51 @@ class Hub:
             if lane not in LANES:
                 raise _Rejected("bad_body")
             try:
-                records = parse_records(body.get("records"))
+                parsed = parse_records(body.get("records"))
             except ValueError as exc:
                 raise _Rejected("bad_record") from exc
         except _Rejected as exc:
             self._reject(exc, uplink, batch_id=batch_id if isinstance(batch_id, str) else None)
             return
 
-        new, duplicates = await self._commit(device, records, str(lane), batch_id)
-        self.stored_records += new
-        self.duplicate_records += duplicates
+        records = parsed.valid
+        try:
+            result = await self._commit(device, records, str(lane), batch_id, parsed.invalid)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, uplink, batch_id=batch_id)
+            return
+        self.stored_records += result.new
+        self.duplicate_records += result.duplicates
         log.debug(
             "batch_stored",
             batch_id=batch_id,
             lane=lane,
             records=len(records),
-            new=new,
-            duplicates=duplicates,
+            new=result.new,
+            duplicates=result.duplicates,
+            rejected=result.rejected,
             **_ids(uplink),
         )
-        await self._send_ack(uplink, batch_id, [record.seq for record in records])
+        # Invalid records with a seq are kept in rejected_records and acked with the rest,
+        # so the gate stops sending them; the bad_record alarm tells district staff.
+        acked = [record.seq for record in records]
+        acked += [item.seq for item in parsed.invalid if item.seq is not None]
+        if acked:
+            await self._send_ack(uplink, batch_id, acked)
+        self._queue_check(_Check(device, batch_id, records, parsed.invalid, result))
 
     async def _commit(
-        self, device: Device, records: list[WireRecord], lane: str, batch_id: str
-    ) -> tuple[int, int]:
-        """Store the batch. Raises sqlite3.Error, and then no ack is sent."""
+        self,
+        device: Device,
+        records: list[WireRecord],
+        lane: str,
+        batch_id: str,
+        invalid: list[InvalidRecord],
+    ) -> BatchResult:
+        """Store the batch. Raises StoreUnavailable or sqlite3.Error, and then no ack is sent."""
         store = self._require_store()
         return await self._in_store(
-            store.insert_batch, device, records, lane=lane, batch_id=batch_id
+            store.insert_batch, device, records, lane=lane, batch_id=batch_id, invalid=invalid
         )
 
     async def _send_ack(self, uplink: _Uplink, batch_id: str, seqs: list[int]) -> None:
@@ -228,10 +322,24 @@ class Hub:
             return
         self.acks_sent += 1
 
+    def _enroll_rejected(self, site: str, device: str, reason: str) -> None:
+        self.rejected[reason] += 1
+        self.alarms[ALARM_ENROLL_REJECTED] += 1
+
     def _reject(self, exc: _Rejected, uplink: _Uplink, *, batch_id: str | None) -> None:
         self.rejected[exc.reason] += 1
         if exc.alarm is not None:
             self.alarms[exc.alarm] += 1
+            alarm = Alarm(
+                AlarmKind(exc.alarm),
+                uplink.site,
+                (uplink.device,),
+                None,
+                (),
+                {"reason": exc.reason, "batch_id": batch_id or "", "topic_kind": uplink.kind},
+                self.clock(),
+            )
+            self._queue_check(_Check(None, batch_id or "", [], [], None, (alarm,)))
         log.warning(
             "batch_rejected",
             reason=exc.reason,
@@ -242,9 +350,67 @@ class Hub:
             **_ids(uplink),
         )
 
+    # --- alarms ---
+
+    def _queue_check(self, check: _Check) -> None:
+        if self.alarm_checker is None:
+            return
+        try:
+            self._checks.put_nowait(check)
+        except asyncio.QueueFull:
+            self.checks_skipped += 1
+            log.warning(
+                "alarm_check_skipped",
+                reason="checks_behind",
+                batch_id=check.batch_id,
+                pending=self._checks.qsize(),
+                skipped_total=self.checks_skipped,
+            )
+
+    async def _run_checks(self) -> None:
+        """Run the alarm checks of stored batches in order, then publish what they raise."""
+        checker = self.alarm_checker
+        assert checker is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            check = await self._checks.get()
+            try:
+                alarms = await loop.run_in_executor(self._alarm_executor, check.run, checker)
+                await checker.publish(alarms)
+            except Exception as exc:  # sqlite3.Error and the like: logged, the next one runs.
+                log.error("alarm_check_failed", batch_id=check.batch_id, error=repr(exc))
+
+    async def _check_silent_gates(self) -> None:
+        checker = self.alarm_checker
+        assert checker is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.silent_check_interval_s)
+            try:
+                alarms = await loop.run_in_executor(self._alarm_executor, checker.check_silent)
+                await checker.publish(alarms)
+            except Exception as exc:  # sqlite3.Error and the like: logged, tried again later.
+                log.error("alarm_check_failed", check="device_silent", error=repr(exc))
+
+    def _store_failed(
+        self, exc: StoreUnavailable, uplink: _Uplink, *, batch_id: str | None
+    ) -> None:
+        """Log a message not stored for want of the store. No ack goes out, so the gate sends
+        the batch again after its ack timeout."""
+        self.store_failures += 1
+        log.warning(
+            "batch_not_stored",
+            reason="store_unavailable",
+            error=str(exc),
+            batch_id=batch_id,
+            topic_kind=uplink.kind,
+            failures_total=self.store_failures,
+            **_ids(uplink),
+        )
+
     # --- helpers ---
 
-    def _require_store(self) -> HubStore:
+    def _require_store(self) -> HubStoreBackend:
         if self._store is None:
             raise RuntimeError("Hub.run() is not running")
         return self._store
@@ -252,6 +418,62 @@ class Hub:
     async def _in_store(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """The alarm work for one stored batch, or for a rejection (``device`` None)."""
+
+    device: Device | None
+    batch_id: str
+    records: list[WireRecord]
+    invalid: list[InvalidRecord]
+    result: BatchResult | None
+    raised: tuple[Alarm, ...] = ()
+
+    def run(self, checker: AlarmChecker) -> list[Alarm]:
+        """Run on the alarm thread: the checks over the batch and the ingest's own alarms."""
+        alarms = list(self.raised)
+        if self.device is not None and self.result is not None:
+            alarms += _ingest_alarms(self.device, self.batch_id, self.invalid, self.result, checker)
+        admitted = checker.raise_alarms(alarms)
+        if self.device is not None:
+            admitted += checker.check_batch(self.device, self.records)
+        return admitted
+
+
+def _ingest_alarms(
+    device: Device,
+    batch_id: str,
+    invalid: list[InvalidRecord],
+    result: BatchResult,
+    checker: AlarmChecker,
+) -> list[Alarm]:
+    """Alarms for a stored batch's invalid records, conflicting resends and chain breaks."""
+    now = checker.clock()
+    found: list[tuple[AlarmKind, tuple[int, ...], dict[str, float | int | str]]] = []
+    if invalid:
+        seqs = tuple(item.seq for item in invalid if item.seq is not None)
+        without_seq = sum(1 for item in invalid if item.seq is None)
+        found.append(
+            (AlarmKind.BAD_RECORD, seqs, {"invalid": len(invalid), "without_seq": without_seq})
+        )
+    if result.conflicts:
+        found.append((AlarmKind.RECORD_CONFLICT, result.conflicts, {}))
+    if result.chain_breaks:
+        found.append((AlarmKind.CHAIN_BREAK, result.chain_breaks, {}))
+    return [
+        Alarm(
+            kind,
+            device.site,
+            (device.device_id,),
+            None,
+            seqs,
+            {"batch_id": batch_id, **detail},
+            now,
+        )
+        for kind, seqs, detail in found
+    ]
 
 
 def _parse_topic(topic: str) -> _Uplink | None:

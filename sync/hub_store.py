@@ -60,11 +60,53 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (device, seq)
     ) WITHOUT ROWID;
     """,
+    # The code-sharing check looks up admits by community subject after every batch, and the
+    # silent-gate check reads each gate's latest received_at: without these, both scan every
+    # record. Records that fail validation are kept apart, so their seqs can be acked.
+    """
+    CREATE INDEX records_by_community_subject ON records (community_subject, recorded_at)
+        WHERE community_subject IS NOT NULL;
+    CREATE INDEX records_by_received_at ON records (device, received_at);
+    CREATE TABLE rejected_records (
+        device INTEGER NOT NULL REFERENCES devices (id),
+        seq INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        body TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    """,
+    # One-time enrollment tokens (sync/enrollment.py), stored only as their SHA-256. A used
+    # token keeps the public key it registered, so that key may ask again for its answer.
+    """
+    CREATE TABLE enrollment_tokens (
+        token_hash BLOB PRIMARY KEY,
+        site TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        public_key BLOB
+    ) WITHOUT ROWID;
+    """,
 )
+# The chain hash before a gate's first record (edgenode.journal.GENESIS_HASH), in hex.
+GENESIS_HASH_HEX = "00" * 32
+# The part of an invalid record's JSON kept in rejected_records, in characters.
+MAX_REJECTED_BODY_CHARS = 4096
 
 
 class HubStoreError(Exception):
     """A registry change that cannot be made, with a message for the operator."""
+
+
+class TokenRejected(HubStoreError):
+    """An enrollment token that cannot be redeemed. ``reason`` is a stable snake_case code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class WireRecord(BaseModel):
@@ -91,14 +133,74 @@ class WireRecord(BaseModel):
     hash: str
 
 
-def parse_records(raw: object) -> list[WireRecord]:
-    """Validate a batch's ``records`` list. Raises ValueError on any invalid record."""
+@dataclass(frozen=True, slots=True)
+class InvalidRecord:
+    """A record of a batch that failed validation.
+
+    ``seq`` is None when the record has no usable seq, and then it cannot be acked.
+    """
+
+    seq: int | None
+    reason: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRecords:
+    valid: list[WireRecord]
+    invalid: list[InvalidRecord]
+
+
+def parse_records(raw: object) -> ParsedRecords:
+    """Validate a batch's ``records`` list record by record.
+
+    Raises ValueError when ``records`` is not a non-empty list, or when two records of the
+    batch share a seq. An invalid record does not invalidate the others.
+    """
     if not isinstance(raw, list) or not raw:
         raise ValueError("records is not a non-empty list")
+    valid: list[WireRecord] = []
+    invalid: list[InvalidRecord] = []
+    for item in raw:
+        try:
+            valid.append(WireRecord.model_validate(item))
+        except ValidationError as exc:
+            invalid.append(_invalid_record(item, exc))
+    seqs = [record.seq for record in valid] + [r.seq for r in invalid if r.seq is not None]
+    if len(seqs) != len(set(seqs)):
+        raise ValueError("two records of the batch have the same seq")
+    return ParsedRecords(valid, invalid)
+
+
+def _invalid_record(item: object, exc: ValidationError) -> InvalidRecord:
+    seq = item.get("seq") if isinstance(item, dict) else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        seq = None
+    fields = sorted({".".join(str(part) for part in error["loc"]) for error in exc.errors()})
     try:
-        return [WireRecord.model_validate(item) for item in raw]
-    except ValidationError as exc:
-        raise ValueError(f"invalid record: {exc.error_count()} errors") from exc
+        body = json.dumps(item, ensure_ascii=False, sort_keys=True, default=str)
+    except ValueError:
+        body = repr(item)
+    return InvalidRecord(
+        seq, f"invalid fields: {', '.join(fields)}", body[:MAX_REJECTED_BODY_CHARS]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What ``insert_batch`` did with a batch.
+
+    ``conflicts`` are seqs already stored with a different hash: the stored copy is kept.
+    ``chain_breaks`` are new records whose ``prev_hash`` is not the hash of the gate's
+    record before them, or whose hash is not the ``prev_hash`` of the one after them, where
+    that neighbour is stored or in the same batch.
+    """
+
+    new: int
+    duplicates: int
+    rejected: int = 0
+    conflicts: tuple[int, ...] = ()
+    chain_breaks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,16 +304,24 @@ class HubStore:
         lane: str,
         batch_id: str,
         received_at: float | None = None,
-    ) -> tuple[int, int]:
-        """Store a batch in one transaction. Return (new records, duplicates ignored).
+        invalid: Sequence[InvalidRecord] = (),
+    ) -> BatchResult:
+        """Store a batch in one transaction, with its invalid records kept apart.
 
-        A record whose (device, seq) is already stored is left as it is, whatever the new copy
-        contains.
+        A record whose (device, seq) is already stored is left as it is, whatever the new
+        copy contains; a copy with another hash is reported in ``conflicts``. Invalid records
+        without a seq are not stored.
         """
         received_at = time.time() if received_at is None else received_at
         rows = [_record_row(device.id, record, lane, batch_id, received_at) for record in records]
+        rejected_rows = [
+            (device.id, item.seq, item.reason, item.body, batch_id, received_at)
+            for item in invalid
+            if item.seq is not None
+        ]
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            stored = self._stored_hashes(device, records)
             before = self._db.total_changes
             self._db.executemany(
                 "INSERT OR IGNORE INTO records (device, seq, kind, recorded_at, age_s, station, "
@@ -221,11 +331,42 @@ class HubStore:
                 rows,
             )
             new = self._db.total_changes - before
+            self._db.executemany(
+                "INSERT OR IGNORE INTO rejected_records (device, seq, reason, body, batch_id, "
+                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                rejected_rows,
+            )
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        return new, len(rows) - new
+        conflicts = tuple(
+            record.seq
+            for record in records
+            if record.seq in stored and stored[record.seq][1] != record.hash
+        )
+        fresh = [record for record in records if record.seq not in stored]
+        return BatchResult(
+            new=new,
+            duplicates=len(rows) - new,
+            rejected=len(rejected_rows),
+            conflicts=conflicts,
+            chain_breaks=_chain_breaks(fresh, records, stored),
+        )
+
+    def _stored_hashes(
+        self, device: Device, records: Sequence[WireRecord]
+    ) -> dict[int, tuple[str, str]]:
+        """Return seq -> (prev_hash, hash) of the stored records from just before the batch's
+        first seq to just after its last."""
+        if not records:
+            return {}
+        seqs = sorted({record.seq for record in records})
+        rows = self._db.execute(
+            "SELECT seq, prev_hash, hash FROM records WHERE device = ? AND seq BETWEEN ? AND ?",
+            (device.id, seqs[0] - 1, seqs[-1] + 1),
+        ).fetchall()
+        return {int(seq): (str(prev), str(hash_)) for seq, prev, hash_ in rows}
 
     def stored_seqs(self, device: Device) -> list[int]:
         rows = self._db.execute(
@@ -243,6 +384,108 @@ class HubStore:
         )
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # --- enrollment tokens ---
+
+    def add_enrollment_token(
+        self,
+        token_hash: bytes,
+        site: str,
+        device_id: str,
+        *,
+        expires_at: float,
+        now: float | None = None,
+    ) -> None:
+        """Store the hash of a gate's one-time token. Raises HubStoreError if it is registered."""
+        if self.get_device(site, device_id) is not None:
+            raise HubStoreError(f"device {device_id} at site {site} is already registered")
+        self._db.execute(
+            "INSERT INTO enrollment_tokens (token_hash, site, device_id, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (token_hash, site, device_id, time.time() if now is None else now, expires_at),
+        )
+
+    def redeem_enrollment_token(
+        self,
+        token_hash: bytes,
+        site: str,
+        device_id: str,
+        public_key: bytes,
+        *,
+        now: float | None = None,
+    ) -> Device:
+        """Check a token and register the gate with ``public_key``, in one transaction.
+
+        Raises TokenRejected with reason unknown_token, token_mismatch (a token of another
+        gate), token_used, token_expired or device_registered. A token that this same key
+        already redeemed for this gate returns the gate again.
+        """
+        now = time.time() if now is None else now
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            device = self._redeem(token_hash, site, device_id, public_key, now)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return device
+
+    def _redeem(
+        self, token_hash: bytes, site: str, device_id: str, public_key: bytes, now: float
+    ) -> Device:
+        row = self._db.execute(
+            "SELECT site, device_id, expires_at, used_at, public_key FROM enrollment_tokens "
+            "WHERE token_hash = ?",
+            (token_hash,),
+        ).fetchone()
+        if row is None:
+            raise TokenRejected("unknown_token", "no enrollment token has this hash")
+        if (row[0], row[1]) != (site, device_id):
+            raise TokenRejected("token_mismatch", f"the token is not for {device_id} at {site}")
+        existing = self.get_device(site, device_id)
+        if row[3] is not None:
+            if existing is not None and bytes(row[4]) == public_key == existing.public_key:
+                return existing
+            raise TokenRejected("token_used", "the token was used at " + str(row[3]))
+        if now > float(row[2]):
+            raise TokenRejected("token_expired", f"the token expired at {row[2]}")
+        if existing is not None:
+            raise TokenRejected("device_registered", f"{device_id} at {site} is registered")
+        self._db.execute(
+            "UPDATE enrollment_tokens SET used_at = ?, public_key = ? WHERE token_hash = ?",
+            (now, public_key, token_hash),
+        )
+        self._db.execute(
+            "INSERT INTO devices (site, device_id, public_key, enabled, registered_at) "
+            "VALUES (?, ?, ?, 1, ?)",
+            (site, device_id, public_key, now),
+        )
+        device = self.get_device(site, device_id)
+        assert device is not None
+        return device
+
+
+def _chain_breaks(
+    fresh: Sequence[WireRecord], batch: Sequence[WireRecord], stored: dict[int, tuple[str, str]]
+) -> tuple[int, ...]:
+    """Return the seqs of new records that do not link to their known neighbours.
+
+    ``stored`` maps seq to (prev_hash, hash) for the stored records around the batch. A break
+    between two records is reported at the later one. Only known neighbours are checked: a
+    gap is not a break, because the missing records may be on their way in another batch.
+    """
+    known_hash = {seq: hashes[1] for seq, hashes in stored.items()}
+    known_hash.update((record.seq, record.hash) for record in batch)
+    breaks = set()
+    for record in fresh:
+        expected_prev = GENESIS_HASH_HEX if record.seq == 1 else known_hash.get(record.seq - 1)
+        if expected_prev is not None and record.prev_hash != expected_prev:
+            breaks.add(record.seq)
+        # A successor stored earlier, from another batch, must point back at this record.
+        successor = stored.get(record.seq + 1)
+        if successor is not None and successor[0] != record.hash:
+            breaks.add(record.seq + 1)
+    return tuple(sorted(breaks))
 
 
 def _device(row: tuple[Any, ...]) -> Device:

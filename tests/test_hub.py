@@ -34,7 +34,7 @@ from edgenode.i18n import translator
 from edgenode.journal import Journal
 from sync.connection import Connection
 from sync.hub import Hub
-from sync.hub_store import HubStore, HubStoreError, WireRecord
+from sync.hub_store import MIGRATIONS, BatchResult, HubStore, HubStoreError, WireRecord
 from sync.identity import ensure_device_key
 from sync.protocol import Topics, encode_message
 from sync.uplink import Uplink
@@ -192,8 +192,9 @@ def assert_stored_once(store_path: Path, gate: TestGate, total: int) -> None:
     assert gate.backlog() == 0
 
 
-def wire_record(seq: int) -> WireRecord:
-    return WireRecord(
+def wire_record(seq: int, **fields: Any) -> WireRecord:
+    """A verdict record in a well-formed chain: record n has hash n and prev_hash n - 1."""
+    values: dict[str, Any] = dict(
         seq=seq,
         kind="verdict",
         recorded_at=100.0,
@@ -205,9 +206,11 @@ def wire_record(seq: int) -> WireRecord:
         community_subject=None,
         latency_ms=2.0,
         clock_trusted=True,
-        prev_hash="00" * 32,
-        hash="11" * 32,
+        prev_hash=f"{seq - 1:064x}",
+        hash=f"{seq:064x}",
     )
+    values.update(fields)
+    return WireRecord(**values)
 
 
 # --- the store ---
@@ -216,9 +219,9 @@ def wire_record(seq: int) -> WireRecord:
 def test_store_migrates_once(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     with HubStore(path) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == len(MIGRATIONS)
     with HubStore(path) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == len(MIGRATIONS)
         journal_mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
         assert journal_mode == "wal"
 
@@ -257,10 +260,12 @@ def test_store_insert_batch_idempotent(tmp_path: Path) -> None:
         first = store.register_device("S1", "gate-01", key)
         second = store.register_device("S2", "gate-01", key)
         records = [wire_record(seq) for seq in (1, 2, 3)]
-        assert store.insert_batch(first, records, lane="normal", batch_id="a") == (3, 0)
+        assert store.insert_batch(first, records, lane="normal", batch_id="a") == BatchResult(3, 0)
         overlapping = [wire_record(seq) for seq in (2, 3, 4)]
-        assert store.insert_batch(first, overlapping, lane="normal", batch_id="b") == (1, 2)
-        assert store.insert_batch(second, records, lane="normal", batch_id="c") == (3, 0)
+        result = store.insert_batch(first, overlapping, lane="normal", batch_id="b")
+        assert result == BatchResult(1, 2)
+        result = store.insert_batch(second, records, lane="normal", batch_id="c")
+        assert result == BatchResult(3, 0)
         assert store.stored_seqs(first) == [1, 2, 3, 4]
         assert store.record_count() == 7
         row = store.records(first)[0]
@@ -339,6 +344,9 @@ def test_hub_rejects_unknown_forged_disabled(broker: Broker, tmp_path: Path) -> 
         async with running(hub.run(), forger.run(), *gate_tasks(unknown, disabled)):
             await wait_connected(hub)
             await wait_until(lambda: forger.connected, 10, "forger connected")
+            # Sent first: one client's messages arrive in order, so once the last rejection
+            # below is counted, the gate's alarm has been handled too.
+            await forger.publish(topics.priority, encode_message(alarm, known.device_key))
             # Signed by a key that is not the known gate's.
             await forger.publish(topics.batches, encode_message(forged, SigningKey.generate()))
             # Signed by the known gate, then altered.
@@ -348,7 +356,6 @@ def test_hub_rejects_unknown_forged_disabled(broker: Broker, tmp_path: Path) -> 
             # Signed by the known gate, but naming another gate in the body.
             other = dict(forged, device="gate-unknown")
             await forger.publish(topics.batches, encode_message(other, known.device_key))
-            await forger.publish(topics.priority, encode_message(alarm, known.device_key))
             await wait_until(
                 lambda: (
                     hub.rejected["unknown_device"] >= 1
