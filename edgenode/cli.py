@@ -21,6 +21,7 @@ from drivers.files import SourceError, iter_file_frames
 from edgenode import district_cli, doctor, sync_cli
 from edgenode.cache import Cache, CacheImportError, import_snapshot
 from edgenode.cli_output import format_verdict_line, verdict_json
+from edgenode.clock import CLOCK_STATE_FILE, NTP_SOURCES, ClockGuard
 from edgenode.config import Config, ConfigError, load_config
 from edgenode.decoders import DECODER_NAMES, create_decoder
 from edgenode.i18n import LANGUAGES, N_, Translator, language_from_env, translator
@@ -301,13 +302,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     listeners: list[Any] = []
     services: list[Any] = []
-    clock = system_clock
+    guard = ClockGuard(
+        config.device.state_dir / CLOCK_STATE_FILE,
+        NTP_SOURCES[config.clock.ntp_source],
+        district_skew_limit_s=config.sync.clock_skew_alarm_s,
+    )
+    clock = guard.read
     try:
         if config.sync.enabled:
             sync = SyncService.from_config(config)
             listeners.append(sync.on_verdict)
             services.extend(sync.tasks())
-            clock = sync.clock
+            guard.district_skews = sync.district_skews
         daemon = Daemon(
             config, _build_sources(config), listeners=listeners, services=services, clock=clock
         )
@@ -316,7 +322,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(
             tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
         ) from exc
-    asyncio.run(daemon.run())
+    try:
+        asyncio.run(daemon.run())
+    finally:
+        guard.save()
     return EXIT_OK
 
 

@@ -285,6 +285,25 @@ class SyncConfig(_Strict):
     )
 
 
+class ClockConfig(_Strict):
+    ntp_source: Literal["kernel", "timedatectl", "rtc"] = Field(
+        default="kernel",
+        description="What vouches for the system clock: 'kernel' reads the kernel's NTP state "
+        "(adjtimex), 'timedatectl' asks systemd-timesyncd, 'rtc' trusts a battery-backed "
+        "clock fitted by the installer. The district's time in sync messages vouches as well.",
+    )
+
+
+class JournalConfig(_Strict):
+    retention_days: Annotated[int, Field(ge=1, le=3_650)] = Field(
+        default=30,
+        description="Verdict records acked by the district are purged after this many days.",
+    )
+    purge_interval_s: Annotated[int, Field(ge=60, le=86_400)] = Field(
+        default=3_600, description="How often the daemon purges expired records, in seconds."
+    )
+
+
 class Config(_Strict):
     device: DeviceConfig
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -293,6 +312,8 @@ class Config(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Input sources that `edgenode run` reads."
     )

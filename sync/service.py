@@ -1,18 +1,16 @@
 """The sync side of a gate, assembled from its config: connection, uplink and downlink.
 
 ``edgenode run`` builds one ``SyncService`` when ``sync.enabled`` is set and hands the daemon
-its listener, its background tasks and its clock.
+its listener, its background tasks and the district's view of the clock.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from edgenode.config import Config
 from edgenode.pipeline import VerdictEvent
-from edgenode.policy import ClockReading
 from sync.connection import Connection
 from sync.downlink import Downlink
 from sync.identity import ensure_device_key
@@ -58,9 +56,10 @@ class SyncService:
             ("downlink", self.downlink.run),
         ]
 
-    def clock(self) -> ClockReading:
-        """Read the wall clock, untrusted while the district's time disagrees beyond the limit."""
-        limit = self.config.sync.clock_skew_alarm_s
-        skews = (self.uplink.status().clock_skew_s, self.downlink.clock_skew_s)
-        synchronised = all(skew is None or abs(skew) <= limit for skew in skews)
-        return ClockReading(now=time.time(), synchronised=synchronised)
+    def district_skews(self) -> tuple[float | None, float | None]:
+        """Return this clock's offsets from the district's time in the latest ack and chunk.
+
+        edgenode.clock.ClockGuard trusts the clock while they are known and within
+        ``sync.clock_skew_alarm_s``, and distrusts it while one is beyond.
+        """
+        return (self.uplink.status().clock_skew_s, self.downlink.clock_skew_s)
