@@ -34,7 +34,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     config = load_hub_config(Path(args.config))
     importer = import_roster if args.feed == "roster" else import_health
-    with FeedStore(config.store) as store:
+    with FeedStore(config.sqlite_store()) as store:
         try:
             result = importer(store, Path(args.file), args.format)
         except FeedError as exc:
@@ -71,7 +71,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         issuers = read_issuer_keys(config.district_key_file.parent)
     except KeyFileError as exc:
         raise DistrictError(str(exc)) from exc
-    with FeedStore(config.store) as store:
+    with FeedStore(config.sqlite_store()) as store:
         transfer = asyncio.run(_publish(config, store, district_key, issuers, args))
     message = (
         tr.gettext("Published snapshot version {version} for site {site} in {chunks} chunks")

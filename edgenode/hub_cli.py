@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import signal
 import sys
@@ -187,10 +188,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         district_key=district_key,
         hub_id=config.hub_id,
     )
-    with FeedStore(config.store) as feeds:
+    with _feed_store(config) as feeds:
         # The hub answers gates' chunk and snapshot requests and raises alarms over its own
         # connection, so each request and each batch is handled by one hub of the group.
-        if issuers is not None:
+        if issuers is not None and feeds is not None:
             hub.publisher = Publisher(
                 feeds, hub.connection, district_key=district_key, issuers=issuers
             )
@@ -202,6 +203,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             hub.alarm_checker.close()
     return 0
+
+
+def _feed_store(config: HubConfig) -> contextlib.AbstractContextManager[FeedStore | None]:
+    """Open the feed store in the SQLite hub store file, or return None for PostgreSQL."""
+    if isinstance(config.store, PostgresUrl):
+        # TODO: feeds and published datasets are kept only in a SQLite store so far, so a hub
+        # on PostgreSQL ingests and raises alarms but does not serve gates' dataset requests.
+        log.warning("requests_not_served", reason="store_is_postgresql", store=str(config.store))
+        return contextlib.nullcontext()
+    return FeedStore(config.store)
 
 
 async def _serve(hub: Hub) -> None:

@@ -20,6 +20,7 @@ from edgenode.hub_cli import load_hub_config
 from edgenode.i18n import Translator
 from sync.alarms import Alarm, AlarmChecker
 from sync.report import REPORT_TIMEZONE, HourRow, hourly_report, write_chart
+from sync.store_backend import StoreLocation, StoreUnavailable
 
 DEFAULT_ALARM_HOURS = 24.0
 
@@ -41,9 +42,9 @@ def _positive_hours(value: str) -> float:
     return hours
 
 
-def _store_path(args: argparse.Namespace) -> Path:
+def _store_path(args: argparse.Namespace) -> StoreLocation:
     store = load_hub_config(Path(args.config)).store
-    if not store.is_file():
+    if isinstance(store, Path) and not store.is_file():
         raise DistrictError(f"hub store {store} not found: start the hub once to create it")
     return store
 
@@ -61,7 +62,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     store = _store_path(args)
     try:
         rows = hourly_report(store, first, last, site=args.site, device=args.device)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StoreUnavailable) as exc:
         raise DistrictError(f"cannot read hub store {store}: {exc}") from exc
 
     if args.json:
@@ -154,7 +155,7 @@ def _cmd_alarms(args: argparse.Namespace) -> int:
             alarms = checker.check_since(since, site=args.site)
         finally:
             checker.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StoreUnavailable) as exc:
         raise DistrictError(f"cannot read hub store {store}: {exc}") from exc
 
     if args.json:

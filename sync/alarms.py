@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -40,7 +39,8 @@ from nacl.signing import SigningKey
 from sync.connection import Connection, NotConnected
 from sync.hub_store import Device, WireRecord
 from sync.protocol import TOPIC_ROOT, encode_message
-from sync.report import StoredRecord, StoreReader
+from sync.report import StoredRecord, open_store_reader
+from sync.store_backend import StoreLocation
 
 log = structlog.get_logger("sync.alarms")
 
@@ -259,7 +259,7 @@ class AlarmChecker:
 
     def __init__(
         self,
-        store_path: Path,
+        store_path: StoreLocation,
         *,
         sharing_window_s: float = SHARING_WINDOW_S,
         silent_after_s: float = SILENT_AFTER_S,
@@ -276,7 +276,7 @@ class AlarmChecker:
         self.connection = connection
         self.clock = clock
         self._district_key = district_key
-        self._reader = StoreReader(store_path)
+        self._reader = open_store_reader(store_path)
         self._last_raised: dict[tuple[str, ...], float] = {}
         self.suppressed: Counter[str] = Counter()
         self.published = 0

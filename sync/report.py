@@ -18,12 +18,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from edgenode.i18n import Translator, translator
+from sync.store_backend import PostgresUrl, StoreLocation
+
+if TYPE_CHECKING:
+    from sync.hub_store_pg import PostgresStoreReader
 
 log = structlog.get_logger("sync.report")
 
@@ -228,8 +232,18 @@ def count_per_hour(records: Iterable[StoredRecord], tz: tzinfo = REPORT_TIMEZONE
     return [rows[key] for key in sorted(rows)]
 
 
+def open_store_reader(location: StoreLocation) -> StoreReader | PostgresStoreReader:
+    """Open read-only queries over a SQLite store file or a PostgreSQL store URL."""
+    if isinstance(location, PostgresUrl):
+        # Imported here: sync.hub_store_pg imports this module.
+        from sync.hub_store_pg import PostgresStoreReader
+
+        return PostgresStoreReader(location.url)
+    return StoreReader(location)
+
+
 def hourly_report(
-    store_path: Path,
+    store_path: StoreLocation,
     first: date,
     last: date,
     *,
@@ -239,7 +253,7 @@ def hourly_report(
 ) -> list[HourRow]:
     """Read the store and count verdicts per gate and hour for the days ``first`` to ``last``."""
     start, end = day_range(first, last, tz)
-    with StoreReader(store_path) as reader:
+    with open_store_reader(store_path) as reader:
         records = reader.records(start=start, end=end, site=site, device=device)
     return count_per_hour(records, tz)
 
