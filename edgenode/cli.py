@@ -318,6 +318,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config, _build_sources(config), listeners=listeners, services=services, clock=clock
         )
         daemon.open()
+        if config.sync.enabled:
+            daemon.metrics.set_broker_state(lambda: sync.connection.state.value)
+        if config.metrics.enabled:
+            daemon.metrics.start_server()
     except (JournalError, DeviceKeyError, OSError, ValueError, sqlite3.Error) as exc:
         raise CommandError(
             tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
@@ -325,6 +329,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(daemon.run())
     finally:
+        daemon.metrics.stop_server()
         guard.save()
     return EXIT_OK
 

@@ -304,6 +304,19 @@ class JournalConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = Field(
+        default=False, description="Serve Prometheus metrics over HTTP while `edgenode run` runs."
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics endpoint listens on; loopback keeps it on this machine.",
+    )
+    port: Annotated[int, Field(ge=1, le=65_535)] = Field(
+        default=9464, description="TCP port of the metrics endpoint (/metrics)."
+    )
+
+
 class Config(_Strict):
     device: DeviceConfig
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -314,6 +327,7 @@ class Config(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Input sources that `edgenode run` reads."
     )

@@ -25,6 +25,7 @@ from edgenode.decoders import create_decoder
 from edgenode.guard_desk import GuardSession, OverrideDecision, OverrideEvent
 from edgenode.i18n import N_, language_from_env, translator
 from edgenode.journal import Journal
+from edgenode.metrics import GateMetrics
 from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
 from edgenode.sd_notify import Notifier
 from edgenode.sources import ScanEvent, Source, SourceState
@@ -79,6 +80,12 @@ class Daemon:
         self._cache: Cache | None = None
         self._journal: Journal | None = None
         self._gate: Gate | None = None
+        self.metrics = GateMetrics(
+            config,
+            self.sources,
+            queued_scans=self._queue.qsize,
+            scans_dropped=lambda: self.scans_dropped,
+        )
 
     # --- life cycle ---
 
@@ -174,6 +181,7 @@ class Daemon:
 
         It never blocks: when the queue is full the scan is dropped, logged and counted.
         """
+        self.metrics.on_scan(event)
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -227,6 +235,7 @@ class Daemon:
     def _process(self, event: ScanEvent) -> None:
         gate = self._require_gate()
         station = self.config.device.station
+        started = time.perf_counter()
         log.debug(
             "scan_received",
             source=event.source,
@@ -241,6 +250,7 @@ class Daemon:
             events = gate.process_payloads(
                 event.payloads, station=station, at=event.captured_at, received=event.received
             )
+        self.metrics.observe_decision(time.perf_counter() - started)
         self._notify(events)
 
     def _expire(self) -> None:
@@ -255,6 +265,7 @@ class Daemon:
 
     def _notify(self, events: list[VerdictEvent]) -> None:
         for event in events:
+            self.metrics.on_verdict(event)
             for listener in self.listeners:
                 try:
                     listener(event)

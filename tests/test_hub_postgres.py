@@ -1,0 +1,200 @@
+"""The district hub's ingest into PostgreSQL, through a real Mosquitto broker.
+
+The gates, hubs and ``serve`` processes are those of tests/test_hub.py. Only the store differs:
+a PostgreSQL database on the server that tests/postgres.py starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from nacl.signing import SigningKey
+from structlog.testing import capture_logs
+
+from edgenode.config import SyncConfig
+from sync.alarms import AlarmChecker
+from sync.hub import Hub
+from sync.hub_store_pg import PostgresHubStore
+from sync.report import REPORT_TIMEZONE, hourly_report
+from sync.store_backend import PostgresUrl
+from tests.broker import Broker, broker
+from tests.postgres import postgres_server, postgres_url
+from tests.test_hub import (
+    TestGate,
+    gate_tasks,
+    make_gate,
+    running,
+    start_serve,
+    stop_all,
+    wait_connected,
+    wait_until,
+)
+
+__all__ = ["broker", "postgres_server", "postgres_url"]
+
+
+def register(url: str, *gates: TestGate) -> None:
+    with PostgresHubStore(url) as store:
+        for gate in gates:
+            store.register_device(gate.site, gate.device, gate.public_key)
+
+
+def assert_stored_once(url: str, gate: TestGate, total: int) -> None:
+    with PostgresHubStore(url) as store:
+        device = store.get_device(gate.site, gate.device)
+        assert device is not None
+        records = store.records(device)
+    assert [record["seq"] for record in records] == list(range(1, total + 1))
+    previous_hash = "00" * 32
+    for record in records:
+        assert record["prev_hash"] == previous_hash, f"seq {record['seq']} breaks the chain"
+        previous_hash = record["hash"]
+    assert gate.backlog() == 0
+
+
+def write_hub_config(
+    folder: Path, target: Broker, district_key: SigningKey, hub_id: str, url: str
+) -> Path:
+    key_path = folder / "district.key"
+    if not key_path.exists():
+        key_path.write_text(base64.b64encode(bytes(district_key)).decode("ascii") + "\n")
+        key_path.chmod(0o600)
+    config_path = folder / f"hub-{hub_id}.toml"
+    config_path.write_text(
+        f"""hub_id = "{hub_id}"
+store = "{url}"
+district_key_file = "district.key"
+
+[broker]
+host = "{target.host}"
+port = {target.port}
+keepalive_s = 5
+""",
+        encoding="utf-8",
+    )
+    return config_path
+
+
+def test_three_hub_processes_store_once_in_postgres(
+    broker: Broker, postgres_url: str, tmp_path: Path
+) -> None:
+    district_key = SigningKey.generate()
+    counts = {"gate-01": 667, "gate-02": 667, "gate-03": 666}
+    gates = [
+        make_gate(tmp_path, broker, district_key, "hub-pg", device, drain_records_per_s=300)
+        for device in counts
+    ]
+    for gate in gates:
+        gate.append(counts[gate.device])
+    register(postgres_url, *gates)
+    configs = [
+        write_hub_config(tmp_path, broker, district_key, name, postgres_url) for name in "abc"
+    ]
+    processes = [start_serve(config) for config in configs]
+
+    def stored_count() -> int:
+        with psycopg.connect(postgres_url) as db:
+            row = db.execute("SELECT COUNT(*) FROM records").fetchone()
+        return 0 if row is None else int(row[0])
+
+    try:
+
+        async def scenario() -> None:
+            async with running(*gate_tasks(*gates)):
+                await wait_until(lambda: stored_count() >= 500, 30, "500 records stored")
+                # SIGKILL, so the hub neither finishes its batch nor disconnects cleanly.
+                processes[0].kill()
+                await wait_until(
+                    lambda: all(gate.backlog() == 0 for gate in gates),
+                    45,
+                    "every record acked",
+                    lambda: [gate.backlog() for gate in gates],
+                )
+
+        asyncio.run(scenario())
+        for process in processes[1:]:
+            process.send_signal(signal.SIGTERM)
+        for process in processes[1:]:
+            process.wait(timeout=15)
+    finally:
+        stop_all(processes)
+    outputs = [config.with_suffix(".log").read_text(errors="replace") for config in configs]
+    assert [process.returncode for process in processes[1:]] == [0, 0], outputs[1:]
+    for gate in gates:
+        assert_stored_once(postgres_url, gate, counts[gate.device])
+    assert stored_count() == 2_000
+    # Every hub opened the PostgreSQL store, and none wrote its password to the log.
+    assert all("hub_started" in output for output in outputs)
+    password = postgres_url.split(":")[2].split("@")[0]
+    for output in outputs:
+        assert password not in output
+
+
+def test_hub_acks_after_store_connection_lost(
+    broker: Broker, postgres_url: str, tmp_path: Path
+) -> None:
+    district_key = SigningKey.generate()
+    gate = make_gate(tmp_path, broker, district_key, "hub-pg-loss", "gate-01")
+    gate.append(50)
+    register(postgres_url, gate)
+    sync = SyncConfig(enabled=True, broker_host=broker.host, broker_port=broker.port, keepalive_s=5)
+    hub = Hub(sync, store_path=PostgresUrl(postgres_url), district_key=district_key, hub_id="a")
+
+    def terminate_hub_connections() -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+    async def scenario() -> None:
+        async with running(hub.run()):
+            await wait_connected(hub)
+            await wait_until(lambda: hub._store is not None, 10, "the hub's store open")
+            terminate_hub_connections()
+            async with running(*gate_tasks(gate)):
+                # The first batch finds the connection gone, so it is not acked. The gate sends
+                # it again after its ack timeout, and the hub connects again for it.
+                await wait_until(lambda: gate.backlog() == 0, 30, "every record acked")
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    assert hub.store_failures >= 1
+    not_stored = [entry for entry in logs if entry["event"] == "batch_not_stored"]
+    assert not_stored
+    assert not_stored[0]["reason"] == "store_unavailable"
+    assert_stored_once(postgres_url, gate, 50)
+
+
+def test_report_and_alarms_read_postgres(broker: Broker, postgres_url: str, tmp_path: Path) -> None:
+    district_key = SigningKey.generate()
+    gate = make_gate(tmp_path, broker, district_key, "hub-pg-report", "gate-01")
+    gate.append(30, deny_at={3})
+    register(postgres_url, gate)
+    sync = SyncConfig(enabled=True, broker_host=broker.host, broker_port=broker.port, keepalive_s=5)
+    hub = Hub(sync, store_path=PostgresUrl(postgres_url), district_key=district_key, hub_id="a")
+
+    async def scenario() -> None:
+        async with running(hub.run()):
+            await wait_connected(hub)
+            async with running(*gate_tasks(gate)):
+                await wait_until(lambda: gate.backlog() == 0, 30, "every record acked")
+
+    asyncio.run(scenario())
+    today = datetime.now(REPORT_TIMEZONE).date()
+    rows = hourly_report(
+        PostgresUrl(postgres_url), today - timedelta(days=1), today, site="hub-pg-report"
+    )
+    assert sum(row.admit for row in rows) == 29
+    assert sum(row.deny for row in rows) == 1
+    checker = AlarmChecker(PostgresUrl(postgres_url))
+    try:
+        alarms = checker.check_since(0.0, site="hub-pg-report")
+    finally:
+        checker.close()
+    assert "red_code" in {str(alarm.kind) for alarm in alarms}
