@@ -66,6 +66,16 @@ class Topics:
         return f"{self._device_root}/up/request"
 
     @property
+    def enroll(self) -> str:
+        """Gate to district: a new gate's enroll request, signed with its new device key."""
+        return f"{self._device_root}/up/enroll"
+
+    @property
+    def enroll_results(self) -> str:
+        """District to gate: the signed answer to an enroll request."""
+        return f"{self._device_root}/down/enroll"
+
+    @property
     def status(self) -> str:
         """Gate's online state, retained; the broker publishes 'offline' as the will."""
         return f"{self._device_root}/status"
