@@ -50,6 +50,10 @@ class FileKind:
         return self.error(path, reason, message)
 
 
+# Records joined into one write to the compressed body.
+WRITE_GROUP_RECORDS = 1024
+
+
 def canonical_header(header: Mapping[str, Any]) -> bytes:
     unsigned = {key: value for key, value in header.items() if key != "signature"}
     return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -66,12 +70,19 @@ def write_signed_file(
     """Write a signed file and return its header. ``check_record`` raises ValueError."""
     buffer = io.BytesIO()
     count = 0
+    # Lines are handed to gzip in groups, because one write per record costs more than the
+    # compression itself for small records.
+    lines: list[str] = []
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as body:
         for record in records:
             check_record(record)
-            body.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
-            body.write(b"\n")
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
             count += 1
+            if len(lines) == WRITE_GROUP_RECORDS:
+                body.write(("\n".join(lines) + "\n").encode())
+                lines.clear()
+        if lines:
+            body.write(("\n".join(lines) + "\n").encode())
     compressed = buffer.getvalue()
     header: dict[str, Any] = {
         "format": kind.format,

@@ -35,7 +35,8 @@ import structlog
 from nacl.signing import SigningKey
 
 from edgenode.cache import KEY_COLUMNS
-from edgenode.district import KEY_FILES, issuer_record, read_key
+from edgenode.district import issuer_record
+from edgenode.district_keys import active_issuer_keys
 from edgenode.snapshot import write_snapshot
 from sync.delta import write_delta
 from sync.downlink import MAX_CHUNK_BYTES, MAX_CHUNKS, Kind, chunk_messages
@@ -129,19 +130,22 @@ def site_records(
     residents = store.residents(site)
     statuses = store.health([row.health_subject for row in residents])
     for row in residents:
-        add(
-            {
-                "dataset": "residents",
-                "subject": row.subject,
-                "compound": row.site,
-                "building": row.building,
-                "unit": row.unit,
-                "role": row.role,
-                "valid_from": row.valid_from,
-                "valid_until": row.valid_until,
-                "display_name": row.display_name,
-            }
-        )
+        resident: dict[str, Any] = {
+            "dataset": "residents",
+            "subject": row.subject,
+            "compound": row.site,
+            "building": row.building,
+            "unit": row.unit,
+            "role": row.role,
+            "valid_from": row.valid_from,
+            "valid_until": row.valid_until,
+            "display_name": row.display_name,
+        }
+        # Only set when the roster had an ID number, so the digests of older rows stay the
+        # same and publishing after this change sends no needless delta.
+        if row.id_hash is not None:
+            resident["id_hash"] = row.id_hash
+        add(resident)
         add(
             {
                 "dataset": "bindings",
@@ -174,7 +178,7 @@ class Publisher:
         connection: Publishing,
         *,
         district_key: SigningKey,
-        issuers: Sequence[IssuerKey],
+        issuers: Sequence[IssuerKey] | Callable[[int], Sequence[IssuerKey]],
         valid_for_s: int = DEFAULT_VALID_FOR_S,
         chunk_size: int = MAX_CHUNK_BYTES,
         clock: Callable[[], float] = time.time,
@@ -184,7 +188,9 @@ class Publisher:
         self.store = store
         self.connection = connection
         self.district_key = district_key
-        self.issuers = list(issuers)
+        # A callable is called with the build time at each build, so a long-running hub
+        # publishes the keys of a rotation (read_issuer_keys) without a restart.
+        self._issuers = issuers if callable(issuers) else list(issuers)
         self.valid_for_s = valid_for_s
         self.chunk_size = chunk_size
         self.clock = clock
@@ -216,15 +222,19 @@ class Publisher:
         db.execute("BEGIN IMMEDIATE")
         try:
             published = self._published(site)
-            records = site_records(self.store, site, self.issuers)
+            records = site_records(self.store, site, self.issuers_at(int(self.clock())))
+            digests = {key: record_digest(record) for key, record in records.items()}
             if snapshot or published is None:
                 version = 1 if published is None else published.version + 1
                 transfer = self._write(site, "snapshot", version, None, list(records.values()))
+                self._commit_state(transfer, digests)
             else:
-                changes = self._changes(site, records)
+                changed, removed = self._changed_keys(site, digests)
+                changes = [{"op": "upsert", **records[key]} for key in changed]
+                changes += [_delete_change(key) for key in removed]
                 version = published.version + 1
                 transfer = self._write(site, "delta", version, published.version, changes)
-            self._commit_state(transfer, records)
+                self._commit_state(transfer, digests, changed=changed, removed=removed)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -241,6 +251,12 @@ class Publisher:
         )
         return transfer
 
+    def issuers_at(self, now: int) -> list[IssuerKey]:
+        """Return the issuer keys to publish at ``now``, leaving out keys whose validity ended."""
+        source = self._issuers
+        issuers = source(now) if callable(source) else source
+        return [issuer for issuer in issuers if now <= issuer.valid_until]
+
     def _published(self, site: str) -> PublishedState | None:
         row = self.store.db.execute(
             "SELECT version, kind, issued_at FROM published_sites WHERE site = ?", (site,)
@@ -251,21 +267,17 @@ class Publisher:
         state = self._published(site)
         return None if state is None else state.version
 
-    def _changes(self, site: str, records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Return the delta records that take the published version to ``records``."""
+    def _changed_keys(self, site: str, digests: Mapping[str, str]) -> tuple[list[str], list[str]]:
+        """Return the record keys new or changed since the published version, and those
+        removed, each sorted."""
         published = dict(
             self.store.db.execute(
                 "SELECT record_key, digest FROM published_records WHERE site = ?", (site,)
             ).fetchall()
         )
-        changes: list[dict[str, Any]] = []
-        for key, record in sorted(records.items()):
-            if published.get(key) != record_digest(record):
-                changes.append({"op": "upsert", **record})
-        for key in sorted(set(published) - set(records)):
-            dataset, value = key.split(":", 1)
-            changes.append({"op": "delete", "dataset": dataset, KEY_COLUMNS[dataset]: value})
-        return changes
+        changed = sorted(key for key, digest in digests.items() if published.get(key) != digest)
+        removed = sorted(set(published) - set(digests))
+        return changed, removed
 
     def _write(
         self,
@@ -315,24 +327,41 @@ class Publisher:
         )
 
     def _commit_state(
-        self, transfer: Transfer, records: Mapping[str, Mapping[str, Any]] | None
+        self,
+        transfer: Transfer,
+        digests: Mapping[str, str] | None,
+        *,
+        changed: Sequence[str] | None = None,
+        removed: Sequence[str] = (),
     ) -> None:
-        """Store the transfer and, unless ``records`` is None, the site's published state.
+        """Store the transfer and, unless ``digests`` is None, the site's published state.
 
-        Runs inside the caller's transaction.
+        ``digests`` maps every record key of the version to its digest. When ``changed`` is
+        given, only the digests of those keys and of ``removed`` are written, which keeps a
+        small delta's cost independent of the site's size. Runs inside the caller's
+        transaction.
         """
         db = self.store.db
         site = transfer.site
-        if records is not None:
+        if digests is not None:
             db.execute(
                 "INSERT OR REPLACE INTO published_sites (site, version, kind, issued_at) "
                 "VALUES (?, ?, ?, ?)",
                 (site, transfer.version, transfer.kind, int(transfer.created_at)),
             )
-            db.execute("DELETE FROM published_records WHERE site = ?", (site,))
+            if changed is None:
+                db.execute("DELETE FROM published_records WHERE site = ?", (site,))
+                rows = [(site, key, digest) for key, digest in digests.items()]
+            else:
+                db.executemany(
+                    "DELETE FROM published_records WHERE site = ? AND record_key = ?",
+                    [(site, key) for key in removed],
+                )
+                rows = [(site, key, digests[key]) for key in changed]
             db.executemany(
-                "INSERT INTO published_records (site, record_key, digest) VALUES (?, ?, ?)",
-                [(site, key, record_digest(record)) for key, record in records.items()],
+                "INSERT OR REPLACE INTO published_records (site, record_key, digest) "
+                "VALUES (?, ?, ?)",
+                rows,
             )
         db.execute(
             "INSERT INTO published_transfers (transfer_id, site, kind, version, base_version, "
@@ -501,9 +530,11 @@ class Publisher:
         stored = self._stored_snapshot(site, published.version)
         if stored is not None:
             return stored
-        records = site_records(self.store, site, self.issuers)
-        if self._changes(site, records):
-            version, state = published.version + 1, records
+        records = site_records(self.store, site, self.issuers_at(int(self.clock())))
+        digests = {key: record_digest(record) for key, record in records.items()}
+        changed, removed = self._changed_keys(site, digests)
+        if changed or removed:
+            version, state = published.version + 1, digests
         else:
             # Unchanged since the published version, so a snapshot of that version is true.
             version, state = published.version, None
@@ -520,22 +551,27 @@ class Publisher:
         return None if row is None else self.transfer(str(row[0]))
 
 
+def _delete_change(key: str) -> dict[str, Any]:
+    dataset, value = key.split(":", 1)
+    return {"op": "delete", "dataset": dataset, KEY_COLUMNS[dataset]: value}
+
+
 def _is_index_list(value: object) -> bool:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_CHUNKS:
         return False
     return all(isinstance(item, int) and not isinstance(item, bool) for item in value)
 
 
-def read_issuer_keys(
-    folder: Path, *, valid_from: int = 0, valid_until: int = 2**32 - 1
-) -> list[IssuerKey]:
-    """Read the district's issuer key files (``issuer-health.key``, ``issuer-community.key``).
+def read_issuer_keys(folder: Path, now: int | None = None) -> list[IssuerKey]:
+    """Read the district's issuer keys to publish at ``now`` (default: the current time).
 
-    Raises KeyFileError for a missing or invalid file.
-    NOTE: key files carry no validity window, so each key is published with ``valid_from``
-    and ``valid_until`` as given, by default without a limit until its file is removed.
+    Before the first rotation these are ``issuer-health.key`` and ``issuer-community.key``,
+    valid without a time limit. After it, the keyring ``issuers.json`` lists each key with its
+    validity, and keys whose validity ended are left out (edgenode/district_keys.py).
+    Raises KeyFileError for a missing or invalid key file and KeyringError for the keyring.
     """
+    at = int(time.time()) if now is None else now
     return [
-        IssuerKey(read_key(folder / KEY_FILES[kind]), (kind,), valid_from, valid_until)
-        for kind in ("health", "community")
+        IssuerKey(active.key, (active.role,), active.valid_from, active.valid_until)
+        for active in active_issuer_keys(folder, at)
     ]
