@@ -490,6 +490,13 @@ class Downlink:
 
     # --- requests to the district ---
 
+    async def request_snapshot(self) -> None:
+        """Request a snapshot, as after a version gap: for a new gate's empty cache, or a
+        cache the operator wants replaced. Sent at most once per ``snapshot_retry_s`` for the
+        same cache version."""
+        async with self._lock:
+            await self._request_snapshot()
+
     async def _request_snapshot(self) -> None:
         have = self._version or 0
         now = time.monotonic()
