@@ -67,8 +67,8 @@ LANES = frozenset({"normal", "priority"})
 # is not an enabled member of the registry.
 ALARM_UNKNOWN_DEVICE = str(AlarmKind.UNKNOWN_DEVICE)
 ALARM_FORGED_BATCH = str(AlarmKind.FORGED_BATCH)
-# Counted for every rejected enroll request (sync/enrollment.py), whatever the reason.
-ALARM_ENROLL_REJECTED = "enroll_rejected"
+# Counted and raised for every rejected enroll request (sync/enrollment.py), whatever the reason.
+ALARM_ENROLL_REJECTED = str(AlarmKind.ENROLL_REJECTED)
 _SIGNATURE_REASONS = frozenset({"unknown_signer", "bad_signature"})
 # Stored batches waiting for their alarm checks. When the checks fall this far behind, a
 # batch's checks are skipped and logged, and the periodic sweep still covers silent gates.
@@ -325,6 +325,16 @@ class Hub:
     def _enroll_rejected(self, site: str, device: str, reason: str) -> None:
         self.rejected[reason] += 1
         self.alarms[ALARM_ENROLL_REJECTED] += 1
+        alarm = Alarm(
+            AlarmKind.ENROLL_REJECTED,
+            site,
+            (device,),
+            None,
+            (),
+            {"reason": reason},
+            self.clock(),
+        )
+        self._queue_check(_Check(None, "", [], [], None, (alarm,)))
 
     def _reject(self, exc: _Rejected, uplink: _Uplink, *, batch_id: str | None) -> None:
         self.rejected[exc.reason] += 1
