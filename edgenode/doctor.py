@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import functools
 import json
 import os
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +30,7 @@ import aiomqtt
 import cv2
 
 from edgenode.cache import Cache
+from edgenode.clock import NTP_SOURCES
 from edgenode.config import (
     CameraSourceConfig,
     Config,
@@ -62,9 +60,6 @@ DEFAULT_TIMEOUT_S = 10.0
 # Applying a delta copies cache.db, so the state folder needs room for a second cache besides
 # this floor for journal growth.
 MIN_FREE_BYTES = 256 * 1024 * 1024
-TIMEDATECTL = Path("/usr/bin/timedatectl")
-# The clock state adjtimex(2) returns for an unsynchronised clock (<sys/timex.h>).
-TIME_ERROR = 5
 
 
 class Status(StrEnum):
@@ -110,14 +105,13 @@ OpenCapture = Callable[[CameraSourceConfig | VideoSourceConfig], Any]
 
 @dataclass(frozen=True, slots=True)
 class DoctorOptions:
-    """Time limits and thresholds. Tests replace the camera opener and timedatectl."""
+    """Time limits and thresholds. Tests replace the camera opener."""
 
     camera_timeout_s: float = CAMERA_TIMEOUT_S
     broker_timeout_s: float = BROKER_TIMEOUT_S
     journal_timeout_s: float = JOURNAL_TIMEOUT_S
     timeout_s: float = DEFAULT_TIMEOUT_S
     min_free_bytes: int = MIN_FREE_BYTES
-    timedatectl: Path = TIMEDATECTL
     # Opens a camera or video source the way the daemon would. None uses the real backends.
     open_capture: OpenCapture | None = None
 
@@ -349,63 +343,24 @@ def check_cache(config: Config, now: float | None = None) -> Finding:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ClockState:
-    """Synchronisation state of the system clock, and the source that reported it."""
-
-    synchronised: bool
-    source: str
-
-
-def read_timedatectl(timedatectl: Path = TIMEDATECTL) -> ClockState | None:
-    """Read systemd's NTPSynchronized property, or None where timedatectl cannot report it."""
-    try:
-        result = subprocess.run(
-            [str(timedatectl), "show", "--property=NTPSynchronized", "--value"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    value = result.stdout.strip()
-    if result.returncode != 0 or value not in ("yes", "no"):
-        return None  # Without systemd as PID 1 it fails with "Failed to connect to bus".
-    return ClockState(value == "yes", "timedatectl")
-
-
-def read_adjtimex() -> ClockState | None:
-    """Ask the kernel through adjtimex(2) in read-only mode, or None where that is unavailable.
-
-    The call returns TIME_ERROR while STA_UNSYNC or STA_CLOCKERR is set, that is while no
-    NTP client disciplines the clock (adjtimex(2) manual page).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    # Larger than struct timex on any Linux ABI. Zeroed modes make the call read-only.
-    buffer = ctypes.create_string_buffer(512)
-    state = libc.adjtimex(buffer)
-    if state < 0:
-        return None
-    return ClockState(state != TIME_ERROR, "adjtimex")
-
-
-def check_clock(timedatectl: Path = TIMEDATECTL) -> Finding:
-    state = read_timedatectl(timedatectl) or read_adjtimex()
-    if state is None:
+def check_clock(config: Config) -> Finding:
+    """Ask the clock source that the config trusts (``clock.ntp_source``), as the daemon does."""
+    source = config.clock.ntp_source
+    synchronised = NTP_SOURCES[source]()
+    if synchronised is None:
         return failed(
-            N_("Neither timedatectl nor adjtimex can tell whether the clock is synchronised."),
-            N_("Run an NTP client such as systemd-timesyncd or chrony."),
-        )
-    if not state.synchronised:
+            N_("The clock source {source} cannot be read."),
+            N_("Set clock.ntp_source to what this board has: 'kernel' (adjtimex), "
+               "'timedatectl' (systemd-timesyncd) or 'rtc' (a battery-backed clock)."),
+            source=source,
+        )  # fmt: skip
+    if not synchronised:
         return failed(
             N_("Not synchronised (as reported by {source})."),
             N_("Check that an NTP client runs and can reach its servers: timedatectl status."),
-            source=state.source,
+            source=source,
         )
-    return passed(N_("Synchronised (as reported by {source})."), source=state.source)
+    return passed(N_("Synchronised (as reported by {source})."), source=source)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -532,8 +487,7 @@ def run_checks(config_path: Path, options: DoctorOptions | None = None) -> list[
         ("broker", N_("Broker is reachable over TLS"), options.broker_timeout_s + 1,
          lambda: check_broker(config, options.broker_timeout_s)),
         ("cache", N_("Cache is fresh"), options.timeout_s, lambda: check_cache(config)),
-        ("clock", N_("Clock is synchronised"), options.timeout_s,
-         lambda: check_clock(options.timedatectl)),
+        ("clock", N_("Clock is synchronised"), options.timeout_s, lambda: check_clock(config)),
         ("disk", N_("Disk space is sufficient"), options.timeout_s,
          lambda: check_disk(config, options.min_free_bytes)),
         ("journal", N_("Journal chain is intact"), options.journal_timeout_s,

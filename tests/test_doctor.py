@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from edgenode.cli import main
+from edgenode.clock import kernel_ntp_synchronised
 from edgenode.config import (
     CameraSourceConfig,
     Config,
@@ -47,12 +48,11 @@ from edgenode.doctor import (
     check_keys,
     check_scanner,
     exit_code,
-    read_adjtimex,
     run_checks,
 )
 from edgenode.journal import Journal
 from sync.identity import ensure_device_key
-from tests.broker import ADMIT, DENY, Broker, BrokerTls, broker  # noqa: F401 - the fixture
+from tests.broker import ADMIT, DENY, Broker, broker  # noqa: F401 - the fixture
 from tests.scenarios import SITE, DirectMinter, Scenario, Site, build_cache, site_config
 from tests.test_sync_tls import Pki, anonymous_tls_broker, pki  # noqa: F401 - the fixtures
 
@@ -340,35 +340,55 @@ def test_stale_cache_fails(site: Site, config: Config) -> None:
 # --- clock ---
 
 
-def stand_in_timedatectl(folder: Path, output: str, exit_status: int = 0) -> Path:
-    script = folder / "timedatectl"
-    script.write_text(f"#!/bin/sh\necho '{output}'\nexit {exit_status}\n", encoding="utf-8")
-    script.chmod(0o755)
-    return script
+@pytest.fixture
+def timedatectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], None]:
+    """Put a stand-in timedatectl first on PATH that prints a value and exits with a status."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+    def install(output: str, exit_status: int = 0) -> None:
+        script = folder / "timedatectl"
+        script.write_text(f"#!/bin/sh\necho '{output}'\nexit {exit_status}\n", encoding="utf-8")
+        script.chmod(0o755)
+
+    return install
 
 
-def test_synchronised_clock_passes(tmp_path: Path) -> None:
-    finding = check_clock(stand_in_timedatectl(tmp_path, "yes"))
+def clock_config(site: Site, source: str) -> Config:
+    return site_config(site, clock={"ntp_source": source})
+
+
+def test_synchronised_clock_passes(site: Site, timedatectl: Callable[[str, int], None]) -> None:
+    timedatectl("yes", 0)
+    finding = check_clock(clock_config(site, "timedatectl"))
     assert finding.status is Status.PASSED
     assert finding.values["source"] == "timedatectl"
 
 
-def test_unsynchronised_clock_fails(tmp_path: Path) -> None:
-    finding = check_clock(stand_in_timedatectl(tmp_path, "no"))
+def test_unsynchronised_clock_fails(site: Site, timedatectl: Callable[[str, int], None]) -> None:
+    timedatectl("no", 0)
+    finding = check_clock(clock_config(site, "timedatectl"))
     assert finding.status is Status.FAILED
-    assert finding.values["source"] == "timedatectl"
+    assert "NTP client" in finding.fix
 
 
-def test_clock_falls_back_to_adjtimex(tmp_path: Path) -> None:
-    failing = stand_in_timedatectl(tmp_path, "Failed to connect to bus: Host is down", 1)
-    finding = check_clock(failing)
-    assert finding.values["source"] == "adjtimex"
+def test_unreadable_clock_source_fails(site: Site, timedatectl: Callable[[str, int], None]) -> None:
+    timedatectl("Failed to connect to bus: Host is down", 1)
+    finding = check_clock(clock_config(site, "timedatectl"))
+    assert finding.status is Status.FAILED
+    assert "clock.ntp_source" in finding.fix
 
 
-def test_adjtimex_reads_the_kernel_clock_state() -> None:
-    state = read_adjtimex()
-    assert state is not None
-    assert state.source == "adjtimex"
+def test_kernel_clock_source_matches_adjtimex(site: Site) -> None:
+    finding = check_clock(clock_config(site, "kernel"))
+    expected = Status.PASSED if kernel_ntp_synchronised() else Status.FAILED
+    assert finding.status is expected
+    assert finding.values["source"] == "kernel"
+
+
+def test_battery_clock_passes(site: Site) -> None:
+    assert check_clock(clock_config(site, "rtc")).status is Status.PASSED
 
 
 # --- disk ---
@@ -422,7 +442,7 @@ def healthy_gate(site: Site, pty: str) -> Path:
     key = base64.b64encode(site.district_public_key()).decode()
     config_path = write_config(
         site.folder,
-        f'[trust]\ndistrict_keys = ["{key}"]\n\n'
+        f'[trust]\ndistrict_keys = ["{key}"]\n\n[clock]\nntp_source = "rtc"\n\n'
         f'[[sources]]\ntype = "serial"\nname = "scanner"\ndevice = "{pty}"\n',
     )
     config = load_config(config_path)
@@ -434,8 +454,7 @@ def healthy_gate(site: Site, pty: str) -> Path:
 
 def test_healthy_gate_passes_every_check(site: Site, pty_path: str) -> None:
     config_path = healthy_gate(site, pty_path)
-    options = DoctorOptions(timedatectl=stand_in_timedatectl(site.folder, "yes"))
-    results = run_checks(config_path, options)
+    results = run_checks(config_path)
     statuses = {result.check: result.finding.status for result in results}
     assert statuses == {
         "config": Status.PASSED,
