@@ -24,8 +24,19 @@ import sqlite_utils
 
 from edgenode.codes import Colour, Role
 from edgenode.snapshot import DATASETS, SnapshotError, SnapshotHeader, SnapshotReader
+from edgenode.sqlite_db import split_statements
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Numbered schema changes, applied to a version-1 cache before a delta changes it. A snapshot
+# import builds the current schema from scratch. Version 2 adds the keyed hash of the
+# resident's ID number (edgenode/id_numbers.py) and the reverse index of the bindings.
+_SCHEMA_MIGRATIONS: dict[int, str] = {
+    2: """
+    ALTER TABLE residents ADD COLUMN id_hash BLOB;
+    CREATE INDEX residents_id_hash ON residents (id_hash) WHERE id_hash IS NOT NULL;
+    CREATE INDEX bindings_resident ON bindings (resident_subject);
+    """,
+}
 _BATCH = 5_000
 _COLOURS = {colour.name.lower(): colour for colour in Colour}
 # The primary-key column of each dataset's table, which a delta's delete record names.
@@ -97,9 +108,11 @@ CREATE TABLE health_status (
 CREATE TABLE residents (
     subject BLOB PRIMARY KEY, compound TEXT NOT NULL, building TEXT NOT NULL,
     unit TEXT NOT NULL, role TEXT NOT NULL, valid_from INTEGER NOT NULL,
-    valid_until INTEGER NOT NULL, display_name TEXT NOT NULL) WITHOUT ROWID;
+    valid_until INTEGER NOT NULL, display_name TEXT NOT NULL, id_hash BLOB) WITHOUT ROWID;
+CREATE INDEX residents_id_hash ON residents (id_hash) WHERE id_hash IS NOT NULL;
 CREATE TABLE bindings (
     health_subject BLOB PRIMARY KEY, resident_subject BLOB NOT NULL) WITHOUT ROWID;
+CREATE INDEX bindings_resident ON bindings (resident_subject);
 CREATE TABLE revocations (
     code_id BLOB PRIMARY KEY, revoked_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE platform_tokens (
@@ -121,6 +134,10 @@ def _hex(record: dict[str, Any], key: str, length: int) -> bytes:
     if len(value) != length:
         raise ValueError(f"{key} must be {length} bytes")
     return value
+
+
+def _optional_hex(record: dict[str, Any], key: str, length: int) -> bytes | None:
+    return None if record.get(key) is None else _hex(record, key, length)
 
 
 def _colour(record: dict[str, Any]) -> int:
@@ -157,6 +174,7 @@ def _row(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             "valid_from": int(record["valid_from"]),
             "valid_until": int(record["valid_until"]),
             "display_name": str(record["display_name"]),
+            "id_hash": _optional_hex(record, "id_hash", 32),
         }
     if dataset == "bindings":
         return dataset, {
@@ -282,6 +300,7 @@ def _apply_to_copy(
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("BEGIN IMMEDIATE")
         _check_copy(conn, target)
+        _upgrade_schema(conn)
         touched: set[str] = set()
         for number, change in enumerate(changes, start=1):
             touched.add(_apply_change(conn, number, change, target))
@@ -304,6 +323,21 @@ def _check_copy(conn: sqlite3.Connection, target: DeltaTarget) -> None:
             "version_gap",
             f"delta {target.base_version} to {target.version} does not fit "
             f"the cache's version {current}",
+        )
+
+
+def _upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Bring a cache written by an older version up to SCHEMA_VERSION, inside the caller's
+    transaction, so a delta's records always find the current columns."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = 1 if row is None else int(row[0])
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in split_statements(_SCHEMA_MIGRATIONS[number]):
+            conn.execute(statement)
+    if version < SCHEMA_VERSION:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
         )
 
 
@@ -453,6 +487,7 @@ class Cache:
         self._conn: sqlite3.Connection | None = None
         self._inode: int | None = None
         self._datasets: tuple[DatasetInfo, ...] = ()
+        self._schema_version = 0
 
     def _connection(self) -> sqlite3.Connection | None:
         try:
@@ -471,6 +506,8 @@ class Cache:
                     "SELECT name, version, issued_at, synced_at, valid_until, rows FROM datasets"
                 )
             )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            self._schema_version = 1 if row is None else int(row[0])
         return self._conn
 
     def refresh(self) -> None:
@@ -519,6 +556,39 @@ class Cache:
         )
         return None if row is None else bytes(row[0])
 
+    def has_id_hashes(self) -> bool:
+        """Return whether the cache's schema has ID-number hashes (version 2 and later)."""
+        return self._conn is not None and self._schema_version >= 2
+
+    def resident_by_id_hash(self, id_hash: bytes) -> Resident | None:
+        """Return the roster entry with this ID-number hash, the longest valid if several."""
+        if not self.has_id_hashes():
+            return None
+        row = self._one(
+            "SELECT subject, compound, building, unit, role, valid_from, valid_until, "
+            "display_name FROM residents WHERE id_hash = ? ORDER BY valid_until DESC LIMIT 1",
+            id_hash,
+        )
+        if row is None:
+            return None
+        return Resident(bytes(row[0]), row[1], row[2], row[3], Role(row[4]), *row[5:8])
+
+    def latest_health_status_of(self, resident_subject: bytes) -> HealthStatus | None:
+        """Return the newest cached status among the resident's bound health subjects.
+
+        A resident's own subject counts as bound, as it does for the same-person check.
+        """
+        conn = self._conn
+        if conn is None:
+            return None
+        row = conn.execute(
+            "SELECT colour, as_of FROM health_status WHERE subject = ? OR subject IN "
+            "(SELECT health_subject FROM bindings WHERE resident_subject = ?) "
+            "ORDER BY as_of DESC LIMIT 1",
+            (resident_subject, resident_subject),
+        ).fetchone()
+        return None if row is None else HealthStatus(Colour(row[0]), row[1])
+
     def is_revoked(self, code_id: bytes) -> bool:
         return self._one("SELECT 1 FROM revocations WHERE code_id = ?", code_id) is not None
 
@@ -544,6 +614,7 @@ class Cache:
         self._conn = None
         self._inode = None
         self._datasets = ()
+        self._schema_version = 0
 
     def __enter__(self) -> Cache:
         self._connection()

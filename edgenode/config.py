@@ -317,6 +317,26 @@ class MetricsConfig(_Strict):
     )
 
 
+class GuardConfig(_Strict):
+    shift_max_s: Annotated[int, Field(ge=600, le=86_400)] = Field(
+        default=43_200,
+        description="A guard's shift ends this long after sign-in unless signed out before, "
+        "in seconds.",
+    )
+    pin_attempts_max: Annotated[int, Field(ge=3, le=20)] = Field(
+        default=5, description="Wrong PINs in a row for one guard id before its sign-in locks."
+    )
+    lockout_s: Annotated[int, Field(ge=30, le=3_600)] = Field(
+        default=300, description="How long a locked guard id cannot sign in, in seconds."
+    )
+    id_lookup_key_file: Path | None = Field(
+        default=None,
+        description="File with the district's ID lookup key (one base64 line, owner-only), "
+        "for checks by ID number. Unset disables them. A relative path is taken from the "
+        "config file's folder.",
+    )
+
+
 class Config(_Strict):
     device: DeviceConfig
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -325,6 +345,7 @@ class Config(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -344,6 +365,10 @@ class Config(_Strict):
     @property
     def cache_path(self) -> Path:
         return self.device.state_dir / "cache.db"
+
+    @property
+    def guards_path(self) -> Path:
+        return self.device.state_dir / "guards.json"
 
     @property
     def journal_path(self) -> Path:
@@ -389,6 +414,10 @@ def load_config(path: Path) -> Config:
     if not state_dir.is_absolute():
         device = config.device.model_copy(update={"state_dir": path.parent / state_dir})
         config = config.model_copy(update={"device": device})
+    key_file = config.guard.id_lookup_key_file
+    if key_file is not None and not key_file.is_absolute():
+        guard = config.guard.model_copy(update={"id_lookup_key_file": path.parent / key_file})
+        config = config.model_copy(update={"guard": guard})
     return config
 
 

@@ -274,25 +274,54 @@ class Daemon:
 
     # --- the guard's desk ---
 
+    def _open_guard_desk(self, journal: Journal) -> GuardDesk:
+        """Build the guard's desk. A configured but unreadable ID lookup key fails the start."""
+        key_file = self.config.guard.id_lookup_key_file
+        return GuardDesk(
+            self.config.guard,
+            GuardStore(self.config.guards_path),
+            journal,
+            station=self.config.device.station,
+            clock=self.clock,
+            id_lookup_key=None if key_file is None else read_id_lookup_key(key_file),
+        )
+
+    def _require_desk(self) -> GuardDesk:
+        if self._desk is None:
+            raise RuntimeError("Daemon.open() was not called")
+        return self._desk
+
     @property
     def guard_session(self) -> GuardSession | None:
         """The signed-in guard's shift, or None when no guard is signed in or the shift ended."""
-        raise NotImplementedError
+        return None if self._desk is None else self._desk.session
 
     async def sign_in(self, guard_id: str, pin: str) -> GuardSession:
-        """Start a guard's shift. Raises SignInError with a reason code on a rejected PIN."""
-        raise NotImplementedError
+        """Start a guard's shift. Raises SignInError with a reason code on a rejected PIN.
+
+        The argon2id PIN check takes 0.1 s or more of CPU, so it runs in a worker thread of its own
+        instead of the pipeline thread, where it would hold up scans.
+        """
+        return await asyncio.to_thread(self._require_desk().sign_in, guard_id, pin)
 
     def sign_out(self) -> None:
         """End the current shift, if any."""
-        raise NotImplementedError
+        self._require_desk().sign_out()
 
     async def check_id_number(self, id_number: str) -> VerdictEvent:
         """Decide on a resident by ID number, journal the verdict and notify every listener.
 
         Raises IdCheckError with a reason code for a malformed number, before any lookup.
         """
-        raise NotImplementedError
+        received = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._check_id, id_number, received)
+
+    def _check_id(self, id_number: str, received: float) -> VerdictEvent:
+        desk = self._require_desk()
+        event = desk.check_id_number(self._require_gate(), id_number, received=received)
+        self._notify([event])
+        return event
 
     async def override(
         self, verdict_seq: int, decision: OverrideDecision, reason: str
@@ -302,7 +331,19 @@ class Daemon:
         Raises OverrideError with a reason code when no guard is signed in, the verdict does
         not exist, is not a review or deny, or was overridden before.
         """
-        raise NotImplementedError
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._override, verdict_seq, decision, reason
+        )
+
+    def _override(self, verdict_seq: int, decision: str, reason: str) -> OverrideEvent:
+        event = self._require_desk().override(verdict_seq, decision, reason)
+        for listener in self.override_listeners:
+            try:
+                listener(event)
+            except Exception as exc:
+                log.exception("override_listener_failed", seq=event.record.seq, error=repr(exc))
+        return event
 
     # --- sources and services ---
 

@@ -25,6 +25,7 @@ from edgenode.district import (
     write_key,
 )
 from edgenode.i18n import Translator
+from edgenode.id_numbers import new_id_lookup_key, write_id_lookup_key
 
 DAY_S = 86_400
 YEAR_S = 365 * DAY_S
@@ -76,11 +77,23 @@ def _cmd_keys(args: argparse.Namespace) -> int:
                 tr.gettext("{path} already exists; keys are never overwritten").format(path=path)
             ) from exc
         print(f"{role}\t{path}\t{public_key_b64(read_key(path))}")
+    # The ID lookup key is a secret shared with the gates, so only its path is printed.
+    path = out / ID_LOOKUP_KEY_FILE
+    try:
+        write_id_lookup_key(path, new_id_lookup_key())
+    except FileExistsError as exc:
+        raise DistrictError(
+            tr.gettext("{path} already exists; keys are never overwritten").format(path=path)
+        ) from exc
+    print(f"id_lookup\t{path}\t-")
     return 0
 
 
 def _new_key() -> SigningKey:
     return SigningKey.generate()
+
+
+ID_LOOKUP_KEY_FILE = "id-lookup.key"
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

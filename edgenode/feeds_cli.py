@@ -22,6 +22,7 @@ from edgenode.district import KeyFileError, read_key
 from edgenode.district_cli import DistrictError
 from edgenode.hub_cli import HubConfig, load_hub_config
 from edgenode.i18n import Translator
+from edgenode.id_numbers import IdLookupKeyError, read_id_lookup_key
 from sync.connection import Connection, NotConnected
 from sync.feeds import FeedError, FeedStore, ImportResult, import_health, import_roster
 from sync.hub import HUB_SITE
@@ -33,14 +34,27 @@ CONNECT_TIMEOUT_S = 30.0
 def _cmd_import(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     config = load_hub_config(Path(args.config))
-    importer = import_roster if args.feed == "roster" else import_health
     with FeedStore(config.sqlite_store()) as store:
         try:
-            result = importer(store, Path(args.file), args.format)
+            if args.feed == "roster":
+                result = import_roster(
+                    store, Path(args.file), args.format, id_lookup_key=_id_lookup_key(config)
+                )
+            else:
+                result = import_health(store, Path(args.file), args.format)
         except FeedError as exc:
             raise DistrictError(f"{args.file}: {exc}") from exc
     _print_result(tr, args.feed, result)
     return 1 if result.errors else 0
+
+
+def _id_lookup_key(config: HubConfig) -> bytes | None:
+    if config.id_lookup_key_file is None:
+        return None
+    try:
+        return read_id_lookup_key(config.id_lookup_key_file)
+    except IdLookupKeyError as exc:
+        raise DistrictError(str(exc)) from exc
 
 
 def _print_result(tr: Translator, feed: str, result: ImportResult) -> None:

@@ -17,6 +17,7 @@ journal_size_limit truncates the write-ahead log after each checkpoint, so it st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -86,6 +87,15 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     )
     """,
+    # 4: the guard's desk. ``method`` is "id_number" for a verdict on a resident checked by ID
+    # number and NULL for scanned codes. An "override" record links to its verdict by
+    # ``verdict_seq`` and names the signed-in guard. The unique index allows one per verdict.
+    """
+    ALTER TABLE records ADD COLUMN method TEXT;
+    ALTER TABLE records ADD COLUMN verdict_seq INTEGER;
+    ALTER TABLE records ADD COLUMN guard_id TEXT;
+    CREATE UNIQUE INDEX records_override_once ON records (verdict_seq) WHERE kind = 'override';
+    """,
 )
 
 # The write-ahead log is truncated to this size after a checkpoint (SQLite's
@@ -109,11 +119,21 @@ _COLUMNS = (
     "health_subject",
     "community_subject",
     "latency_ms",
+    "method",
+    "verdict_seq",
+    "guard_id",
 )
+# Fields that the hash chain covers only when set, so records written before they existed
+# keep their hashes.
+_OPTIONAL_FIELDS = ("method", "verdict_seq", "guard_id")
 
 
 class JournalError(Exception):
-    """The journal file cannot be opened or written."""
+    """The journal file cannot be opened or written. ``reason`` is a stable snake_case code."""
+
+    def __init__(self, message: str, reason: str = "journal_error") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +168,11 @@ class JournalRecord:
     health_subject: str | None
     community_subject: str | None
     latency_ms: float | None
+    # "id_number" for a check by ID number, None for scanned codes.
+    method: str | None = None
+    # For an "override" record: the seq of the verdict it overrides, and the guard's id.
+    verdict_seq: int | None = None
+    guard_id: str | None = None
 
     def canonical(self) -> bytes:
         """The bytes that the hash chain covers."""
@@ -164,6 +189,10 @@ class JournalRecord:
             "community_subject": self.community_subject,
             "latency_ms": None if self.latency_ms is None else round(float(self.latency_ms), 3),
         }
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -329,25 +358,8 @@ class Journal:
         self, conn: sqlite3.Connection, entry: VerdictEntry, prev_hash: bytes
     ) -> JournalRecord:
         verdict = entry.verdict
-        cursor = conn.execute(
-            "INSERT INTO records (kind, device_id, station, recorded_at, clock_trusted, "
-            "verdict, reasons, health_subject, community_subject, latency_ms, prev_hash, "
-            "hash) VALUES ('verdict', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(32))",
-            (
-                self.device_id,
-                entry.station,
-                entry.recorded_at,
-                int(verdict.clock_trusted),
-                verdict.outcome.value,
-                json.dumps([str(reason) for reason in verdict.reasons]),
-                _hex(verdict.health_subject),
-                _hex(verdict.community_subject),
-                entry.latency_ms,
-                prev_hash,
-            ),
-        )
-        return JournalRecord(
-            seq=int(cursor.lastrowid or 0),
+        draft = JournalRecord(
+            seq=0,
             kind="verdict",
             device_id=self.device_id,
             station=entry.station,
@@ -358,7 +370,98 @@ class Journal:
             health_subject=_hex(verdict.health_subject),
             community_subject=_hex(verdict.community_subject),
             latency_ms=entry.latency_ms,
+            method=None if verdict.method == "codes" else verdict.method,
         )
+        return self._insert_record(conn, draft, prev_hash)
+
+    def _insert_record(
+        self, conn: sqlite3.Connection, draft: JournalRecord, prev_hash: bytes
+    ) -> JournalRecord:
+        """Insert a record with a placeholder hash and return it with its new seq."""
+        cursor = conn.execute(
+            f"INSERT INTO records ({', '.join(_COLUMNS[1:])}, prev_hash, hash) "
+            f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))}, ?, zeroblob(32))",
+            (
+                draft.kind,
+                draft.device_id,
+                draft.station,
+                draft.recorded_at,
+                int(draft.clock_trusted),
+                draft.verdict,
+                json.dumps(list(draft.reasons)),
+                draft.health_subject,
+                draft.community_subject,
+                draft.latency_ms,
+                draft.method,
+                draft.verdict_seq,
+                draft.guard_id,
+                prev_hash,
+            ),
+        )
+        return dataclasses.replace(draft, seq=int(cursor.lastrowid or 0))
+
+    def append_override(
+        self,
+        verdict_seq: int,
+        *,
+        decision: str,
+        reason: str,
+        guard_id: str,
+        station: str,
+        recorded_at: float,
+        clock_trusted: bool,
+    ) -> JournalRecord:
+        """Durably record a guard's override of verdict ``verdict_seq``, chained like a verdict.
+
+        The record copies the verdict's subjects, so the district can relate the two without
+        a lookup. The caller checks that the verdict may be overridden. A second override of
+        the same verdict raises JournalError with reason ``already_overridden``.
+        """
+        verdict = self.record(verdict_seq)
+        draft = JournalRecord(
+            seq=0,
+            kind="override",
+            device_id=self.device_id,
+            station=station,
+            recorded_at=recorded_at,
+            clock_trusted=clock_trusted,
+            verdict=decision,
+            reasons=(reason,),
+            health_subject=None if verdict is None else verdict.health_subject,
+            community_subject=None if verdict is None else verdict.community_subject,
+            latency_ms=None,
+            verdict_seq=verdict_seq,
+            guard_id=guard_id,
+        )
+        try:
+            with transaction(self._conn) as conn:
+                prev_hash = self._last_hash(conn)
+                record = self._insert_record(conn, draft, prev_hash)
+                conn.execute(
+                    "UPDATE records SET hash = ? WHERE seq = ?",
+                    (chain_hash(prev_hash, record), record.seq),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise JournalError(
+                f"verdict {verdict_seq} already has an override", reason="already_overridden"
+            ) from exc
+        return record
+
+    def record(self, seq: int) -> JournalRecord | None:
+        """Return the record with this sequence number, or None."""
+        row = self._conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM records WHERE seq = ?", (seq,)
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def override_of(self, verdict_seq: int) -> JournalRecord | None:
+        """Return the override record linked to verdict ``verdict_seq``, or None."""
+        row = self._conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM records "
+            "WHERE kind = 'override' AND verdict_seq = ?",
+            (verdict_seq,),
+        ).fetchone()
+        return None if row is None else _record(row)
 
     def records(self, after_seq: int = 0) -> Iterator[tuple[JournalRecord, bytes, bytes]]:
         """Yield (record, prev_hash, hash) in sequence order."""
@@ -592,4 +695,7 @@ def _record(row: tuple[Any, ...]) -> JournalRecord:
         health_subject=row[8],
         community_subject=row[9],
         latency_ms=None if row[10] is None else float(row[10]),
+        method=row[11],
+        verdict_seq=None if row[12] is None else int(row[12]),
+        guard_id=row[13],
     )

@@ -20,7 +20,15 @@ from edgenode.config import Config
 from edgenode.decoders import Decoder, Frame
 from edgenode.journal import Journal, JournalRecord, VerdictEntry
 from edgenode.pairing import Lone, Pair, Pairer, PairingResult, Unreadable
-from edgenode.policy import ClockReading, Outcome, Verdict, decide, incomplete, unrecognised
+from edgenode.policy import (
+    ClockReading,
+    Outcome,
+    Verdict,
+    decide,
+    decide_by_id_number,
+    incomplete,
+    unrecognised,
+)
 from edgenode.sources import ReadError
 
 log = structlog.get_logger("edgenode.pipeline")
@@ -117,6 +125,20 @@ class Gate:
             outcome=Outcome.UNRECOGNISED, reasons=(error.reason,), detail=error.detail
         )
         return [self._record(verdict, self.clock(), station, at, received)]
+
+    def check_id_number(self, id_hash: bytes, *, station: str, received: float) -> VerdictEvent:
+        """Decide on the resident whose ID-number hash this is, and record the verdict.
+
+        The caller hashes and checks the typed number (edgenode/id_numbers.py) and checks
+        that the cache has ID-number hashes at all (``Cache.has_id_hashes``).
+        """
+        self.cache.refresh()
+        resident = self.cache.resident_by_id_hash(id_hash)
+        clock = self.clock()
+        verdict = decide_by_id_number(
+            resident, self.cache, clock, self.config.policy, site=self.config.device.site
+        )
+        return self._record(verdict, clock, station, 0.0, received)
 
     def _record(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Protocol
+from typing import Literal, Protocol
 
 from edgenode.cache import DatasetInfo, HealthStatus, IssuerKey, Resident, TokenRecord
 from edgenode.codes import (
@@ -35,6 +35,11 @@ class Outcome(StrEnum):
     DENY = "deny"
     INCOMPLETE = "incomplete"
     UNRECOGNISED = "unrecognised"
+
+
+# How the person was identified: by a pair of scanned codes, or by an ID number that the guard
+# typed for a resident without a phone. Reports tell the two apart by this marker.
+VerdictMethod = Literal["codes", "id_number"]
 
 
 class _Severity(IntEnum):
@@ -66,6 +71,12 @@ class CacheView(Protocol):
     def datasets(self) -> tuple[DatasetInfo, ...]: ...
 
 
+class IdCacheView(CacheView, Protocol):
+    """The lookup that a check by ID number adds to ``CacheView``."""
+
+    def latest_health_status_of(self, resident_subject: bytes) -> HealthStatus | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ClockReading:
     """Wall-clock time in seconds and whether an outside source vouches for it."""
@@ -88,6 +99,7 @@ class Verdict:
     clock_trusted: bool = True
     # Detail for the log, e.g. why a payload was rejected. Never a payload or an ID number.
     detail: str = ""
+    method: VerdictMethod = "codes"
 
 
 @dataclass(slots=True)
@@ -272,6 +284,14 @@ def _check_community(
     if resident is None:
         findings.add(_Severity.DENY, Reason.NOT_RESIDENT)
         return None
+    _check_resident(resident, now, site, policy, findings)
+    return resident
+
+
+def _check_resident(
+    resident: Resident, now: float, site: str, policy: PolicyConfig, findings: _Findings
+) -> None:
+    """Check a roster entry's compound, validity and role."""
     if resident.compound != site:
         findings.add(_Severity.DENY, Reason.WRONG_COMPOUND)
     if not resident.valid_from <= now <= resident.valid_until:
@@ -281,7 +301,50 @@ def _check_community(
     if role_reason is not None:
         action: Action = getattr(policy, resident.role.value)
         findings.add(_ACTION_SEVERITY[action], role_reason)
-    return resident
+
+
+def decide_by_id_number(
+    resident: Resident | None,
+    cache: IdCacheView,
+    clock: ClockReading,
+    policy: PolicyConfig,
+    *,
+    site: str,
+) -> Verdict:
+    """Decide on a resident that the guard looked up by ID number, with no code scanned.
+
+    ``resident`` is the roster entry whose ID-number hash matched, or None. The colour is the
+    newest cached status of the resident's health subjects. The clock, cache and residency
+    rules are those of ``decide``; there is no signature, expiry or replay to check.
+    """
+    findings = _Findings()
+    clock_trusted = _check_clock(clock, cache, findings)
+    if cache.is_empty():
+        findings.add(_Severity.REVIEW, Reason.CACHE_EMPTY)
+        return _id_verdict(findings, None, None, clock_trusted)
+    _check_cache_age(cache, clock.now, policy, findings)
+    if resident is None:
+        findings.add(_Severity.DENY, Reason.NOT_RESIDENT)
+        return _id_verdict(findings, None, None, clock_trusted)
+    status = cache.latest_health_status_of(resident.subject)
+    colour = None if status is None else status.colour
+    _apply_colour(colour, policy, findings)
+    _check_resident(resident, clock.now, site, policy, findings)
+    return _id_verdict(findings, resident, colour, clock_trusted)
+
+
+def _id_verdict(
+    findings: _Findings, resident: Resident | None, colour: Colour | None, clock_trusted: bool
+) -> Verdict:
+    return Verdict(
+        outcome=_outcome(findings),
+        reasons=findings.reasons(),
+        community_subject=None if resident is None else resident.subject,
+        resident=resident,
+        health_colour=colour,
+        clock_trusted=clock_trusted,
+        method="id_number",
+    )
 
 
 def _check_same_person(
@@ -305,13 +368,7 @@ def _verdict(
     clock_trusted: bool,
     health_subject: bytes | None = None,
 ) -> Verdict:
-    worst = findings.worst()
-    if worst == _Severity.DENY:
-        outcome = Outcome.DENY
-    elif worst == _Severity.REVIEW:
-        outcome = Outcome.REVIEW
-    else:
-        outcome = Outcome.ADMIT
+    outcome = _outcome(findings)
     if health_subject is None and isinstance(health, HealthCode):
         health_subject = health.subject
     return Verdict(
@@ -324,6 +381,15 @@ def _verdict(
         health_colour=colour,
         clock_trusted=clock_trusted,
     )
+
+
+def _outcome(findings: _Findings) -> Outcome:
+    worst = findings.worst()
+    if worst == _Severity.DENY:
+        return Outcome.DENY
+    if worst == _Severity.REVIEW:
+        return Outcome.REVIEW
+    return Outcome.ADMIT
 
 
 def incomplete(

@@ -9,8 +9,10 @@ A roster file is the full roster of every site it names: after the import, a res
 a site whose subject appears in no row of the file is removed. A health feed only adds or
 updates statuses, and an older ``as_of`` never replaces a newer one.
 
-Privacy: a full name is masked with ``edgenode.district.mask_name`` before it is stored, and
-an ID number column is read past and never stored.
+Privacy: a full name is masked with ``edgenode.district.mask_name`` before it is stored. An
+ID number column is checked and replaced by its keyed hash under the district's ID lookup key
+(edgenode/id_numbers.py) when the import has the key, and dropped unread when it has not. The
+number itself is never stored.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Literal, TextIO
 
 from edgenode.codes import Role
 from edgenode.district import mask_name
+from edgenode.id_numbers import IdNumberError, id_number_hash
 from edgenode.sqlite_db import apply_migrations, open_durable, schema_version
 
 # Dates without a time or an offset are China Standard Time, the time of the feeds' offices.
@@ -45,9 +48,8 @@ COLOURS = {
     "红": "red",
     "红色": "red",
 }
-# Column names as exported by offices, mapped to the names used here. An ID number column
-# (身份证号 and the like) is on purpose in none of these lists: it is dropped with the row's
-# other unknown columns and never stored.
+# Column names as exported by offices, mapped to the names used here. The ID number column is
+# only ever hashed (see parse_roster_row), never stored.
 ROSTER_COLUMNS = {
     "site": "site",
     "compound": "site",
@@ -65,6 +67,10 @@ ROSTER_COLUMNS = {
     "role": "role",
     "valid_from": "valid_from",
     "valid_until": "valid_until",
+    "id_number": "id_number",
+    "身份证号": "id_number",
+    "身份证号码": "id_number",
+    "公民身份号码": "id_number",
 }
 HEALTH_COLUMNS = {
     "health_subject": "health_subject",
@@ -126,6 +132,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX published_transfers_site ON published_transfers (site, created_at);
     """,
+    # 2: the keyed hash of the resident's ID number (hex), published for checks by ID number.
+    """
+    ALTER TABLE feed_residents ADD COLUMN id_hash TEXT;
+    """,
 )
 
 
@@ -149,6 +159,8 @@ class RosterRow:
     role: str
     valid_from: int
     valid_until: int
+    # HMAC-SHA256 of the ID number under the district's ID lookup key, in hex, or None.
+    id_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +234,8 @@ class FeedStore:
         try:
             self.db.executemany(
                 "INSERT OR REPLACE INTO feed_residents (site, subject, health_subject, "
-                "display_name, building, unit, role, valid_from, valid_until, imported_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "display_name, building, unit, role, valid_from, valid_until, imported_at, "
+                "id_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         row.site,
@@ -236,6 +248,7 @@ class FeedStore:
                         row.valid_from,
                         row.valid_until,
                         now,
+                        row.id_hash,
                     )
                     for row in rows
                 ],
@@ -281,7 +294,8 @@ class FeedStore:
     def residents(self, site: str) -> list[RosterRow]:
         rows = self.db.execute(
             "SELECT site, subject, health_subject, display_name, building, unit, role, "
-            "valid_from, valid_until FROM feed_residents WHERE site = ? ORDER BY subject",
+            "valid_from, valid_until, id_hash FROM feed_residents WHERE site = ? "
+            "ORDER BY subject",
             (site,),
         ).fetchall()
         return [RosterRow(*row) for row in rows]
@@ -465,7 +479,8 @@ def _time(row: Mapping[str, str], name: str, *, end_of_day: bool = False) -> int
         ) from None
 
 
-def parse_roster_row(raw: object) -> RosterRow:
+def parse_roster_row(raw: object, id_lookup_key: bytes | None = None) -> RosterRow:
+    """Check one roster row. Without ``id_lookup_key`` an ID number column is ignored."""
     row = _columns(raw, ROSTER_COLUMNS)
     site = _required(row, "site")
     if not _SITE.match(site):
@@ -484,6 +499,14 @@ def parse_roster_row(raw: object) -> RosterRow:
     valid_until = _time(row, "valid_until", end_of_day=True)
     if valid_until <= valid_from:
         raise _BadRow("invalid_validity", "valid_until must be later than valid_from")
+    id_hash = None
+    id_number = row.get("id_number")
+    if id_lookup_key is not None and id_number is not None:
+        try:
+            id_hash = id_number_hash(id_lookup_key, id_number).hex()
+        except IdNumberError as exc:
+            # The message names the problem, never the number.
+            raise _BadRow(exc.reason, str(exc)) from None
     return RosterRow(
         site=site,
         subject=subject,
@@ -496,6 +519,7 @@ def parse_roster_row(raw: object) -> RosterRow:
         role=role,
         valid_from=valid_from,
         valid_until=valid_until,
+        id_hash=id_hash,
     )
 
 
@@ -560,12 +584,15 @@ def import_roster(
     *,
     progress: TextIO | None = None,
     now: float | None = None,
+    id_lookup_key: bytes | None = None,
 ) -> ImportResult:
     """Check a roster file's rows and store the good ones. Raises FeedError for an unreadable
     file, and then nothing is stored.
 
     The file is the full roster of each site it names, so residents of those sites that no
-    row names are removed. A subject given twice at one site keeps its first row.
+    row names are removed. A subject given twice at one site keeps its first row. With
+    ``id_lookup_key``, an ID number column is stored as its keyed hash, and a row whose
+    number is malformed is rejected.
     """
     raw_rows = _load(path, feed_format)
     result = ImportResult(rows=len(raw_rows))
@@ -575,7 +602,7 @@ def import_roster(
     for done, (line, raw) in enumerate(raw_rows, start=1):
         bar.update(done)
         try:
-            row = parse_roster_row(raw)
+            row = parse_roster_row(raw, id_lookup_key)
         except _BadRow as exc:
             result.errors.append(RowError(line, exc.reason, str(exc)))
             _note_subject(raw, seen)

@@ -113,7 +113,7 @@ def expand_ranges(ranges: object, limit: int) -> set[int]:
 def record_body(item: OutboxRecord, sent_at: float) -> dict[str, Any]:
     """Build the JSON form of one record in a batch (docs/mqtt.md, "batch")."""
     record = item.record
-    return {
+    body: dict[str, Any] = {
         "seq": record.seq,
         "kind": record.kind,
         "recorded_at": record.recorded_at,
@@ -128,6 +128,13 @@ def record_body(item: OutboxRecord, sent_at: float) -> dict[str, Any]:
         "prev_hash": item.prev_hash.hex(),
         "hash": item.hash.hex(),
     }
+    # Sent only when set, like in the hash chain: "method" on a check by ID number, and
+    # "verdict_seq" and "guard_id" on an override.
+    for name in ("method", "verdict_seq", "guard_id"):
+        value = getattr(record, name)
+        if value is not None:
+            body[name] = value
+    return body
 
 
 class TokenBucket:

@@ -14,6 +14,7 @@ import pytest
 from edgenode.feeds_cli import add_commands
 from edgenode.i18n import translator
 from sync.feeds import (
+    MIGRATIONS,
     FeedError,
     FeedStore,
     ProgressBar,
@@ -23,6 +24,7 @@ from sync.feeds import (
     import_roster,
     parse_time,
 )
+from sync.hub_store import MIGRATIONS as HUB_MIGRATIONS
 from sync.hub_store import HubStore
 
 FEEDS = Path(__file__).resolve().parent / "data" / "feeds"
@@ -214,14 +216,14 @@ def test_store_migrates_once_beside_hub(tmp_path: Path) -> None:
     HubStore(path).close()
     FeedStore(path).close()
     with FeedStore(path) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == len(MIGRATIONS)
     with HubStore(path) as hub:
-        assert hub.schema_version() == 1
+        assert hub.schema_version() == len(HUB_MIGRATIONS)
 
     with closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT version FROM feeds_migrations").fetchall()
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-    assert rows == [(1,)]
+    assert rows == [(version,) for version in range(1, len(MIGRATIONS) + 1)]
     assert mode == "wal"
 
 
