@@ -24,11 +24,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from edgenode.config import SyncConfig, TlsConfig
 from edgenode.district import KeyFileError, read_key
 from edgenode.district_cli import DistrictError
+from edgenode.district_keys import KeyringError
 from edgenode.i18n import Translator, language_from_env, translator
 from edgenode.logs import configure_logging
 from sync.alarms import AlarmChecker
@@ -174,10 +176,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         district_key = read_key(config.district_key_file)
     except KeyFileError as exc:
         raise DistrictError(str(exc)) from exc
-    issuers: list[IssuerKey] | None
+    issuers: Callable[[int], list[IssuerKey]] | None
     try:
-        issuers = read_issuer_keys(config.district_key_file.parent)
-    except KeyFileError as exc:
+        read_issuer_keys(config.district_key_file.parent)
+        # Read again at each build, so the hub publishes an issuer-key rotation without a
+        # restart.
+        issuers = functools.partial(read_issuer_keys, config.district_key_file.parent)
+    except (KeyFileError, KeyringError) as exc:
         # A hub that only ingests can run without the issuer keys, but then it cannot build
         # the snapshots that gates request.
         issuers = None
