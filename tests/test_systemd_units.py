@@ -72,6 +72,25 @@ def test_unit_exposure_is_at_most_two(unit: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("unit", [GATE_UNIT, HUB_UNIT], ids=lambda unit: unit.name)
+def test_unit_verifies_without_warnings(unit: Path, tmp_path: Path) -> None:
+    # verify also checks that ExecStart exists, and /opt/edgenode is not installed here.
+    program = "/opt/edgenode/current/bin/edgenode"
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text(encoding="utf-8").replace(program, "/bin/true"), "utf-8")
+
+    result = subprocess.run(
+        [systemd_analyze(), "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
 # --- the gate's unit ---
 
 
