@@ -318,6 +318,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config, _build_sources(config), listeners=listeners, services=services, clock=clock
         )
         daemon.open()
+        daemon.config_loader = lambda: load_config(_config_path(args))
+        if config.sync.enabled:
+            for alarm in daemon.startup_alarms:
+                sync.uplink.raise_alarm(alarm.as_alarm())
         if config.sync.enabled:
             daemon.metrics.set_broker_state(lambda: sync.connection.state.value)
         if config.metrics.enabled:

@@ -29,6 +29,7 @@ from edgenode.metrics import GateMetrics
 from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
 from edgenode.sd_notify import Notifier
 from edgenode.sources import ScanEvent, Source, SourceState
+from edgenode.upkeep import StorageAlarm, open_storage, purge_step, reload_config
 
 log = structlog.get_logger("edgenode.daemon")
 
@@ -80,6 +81,12 @@ class Daemon:
         self._cache: Cache | None = None
         self._journal: Journal | None = None
         self._gate: Gate | None = None
+        # Corrupt state files that open() moved aside, for the caller to send upstream.
+        self.startup_alarms: list[StorageAlarm] = []
+        # Reads the config file again on SIGHUP; None when the daemon has no file to read.
+        self.config_loader: Callable[[], Config] | None = None
+        self._reload_task: asyncio.Task[bool] | None = None
+        self.services.append(("journal-retention", self._retain))
         self.metrics = GateMetrics(
             config,
             self.sources,
@@ -91,9 +98,7 @@ class Daemon:
 
     def open(self) -> None:
         """Open the cache and the journal. Errors here are start-up failures."""
-        self._cache = Cache(self.config.cache_path)
-        self._cache.refresh()
-        self._journal = Journal(self.config.journal_path, self.config.device.id)
+        self._cache, self._journal, self.startup_alarms = open_storage(self.config)
         decoder = create_decoder(self.config.decoder.backend)
         self._gate = Gate(self.config, self._cache, self._journal, decoder, clock=self.clock)
         if self._cache.is_empty():
@@ -151,6 +156,7 @@ class Daemon:
                 loop.add_signal_handler(signum, self._on_signal, signum)
             except (NotImplementedError, RuntimeError):
                 return  # Not the main thread (tests): the caller stops the daemon itself.
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
 
     def _on_signal(self, signum: int) -> None:
         now = time.monotonic()
@@ -166,6 +172,49 @@ class Daemon:
             return
         log.warning("forced_exit", signal=signal.Signals(signum).name)
         os._exit(EXIT_FORCED)
+
+    def _on_reload_signal(self) -> None:
+        log.info("reload_requested", signal="SIGHUP")
+        loop = asyncio.get_running_loop()
+        self._reload_task = loop.create_task(self.reload(), name="config-reload")
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply its policy and display sections between scans.
+
+        Returns whether a new config was applied. An invalid file is logged with the key path
+        of each error, and the running config stays.
+        """
+        load = self.config_loader
+        if load is None:
+            log.warning("config_reload_unavailable", reason="no_config_file")
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._apply_reload, load)
+
+    def _apply_reload(self, load: Callable[[], Config]) -> bool:
+        config = reload_config(self.config, load)
+        if config is None:
+            return False
+        self.config = config
+        self._tr = translator(config.display.language or language_from_env())
+        if self._gate is not None:
+            self._gate.reconfigure(config)
+        return True
+
+    async def _retain(self) -> None:
+        """Purge expired journal records at start and then every journal.purge_interval_s."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # One step per call, so queued scans run between steps. The steps end because
+            # each deletes records and none are added that are already expired.
+            while await loop.run_in_executor(self._executor, self._purge_step):
+                pass
+            await asyncio.sleep(self.config.journal.purge_interval_s)
+
+    def _purge_step(self) -> bool:
+        if self._journal is None:
+            return False
+        return purge_step(self._journal, self.clock(), self.config.journal.retention_days)
 
     def _close(self) -> None:
         if self._journal is not None:

@@ -529,15 +529,20 @@ class Journal:
 
     # --- retention ---
 
-    def purge(self, older_than: float, *, chunk: int = PURGE_CHUNK_RECORDS) -> int:
+    def purge(
+        self, older_than: float, *, chunk: int = PURGE_CHUNK_RECORDS, max_chunks: int | None = None
+    ) -> int:
         """Delete acked records recorded before ``older_than``; return how many were deleted.
 
         Only the oldest run of such records goes, up to the first record that is unacked or
         newer, so the rest of the chain stays whole. Each chunk commits together with the new
         anchor. The sequence's high-water mark stays in sqlite_sequence, so no seq repeats.
+        ``max_chunks`` bounds the work of one call, so a caller can let scans in between.
         """
         deleted = 0
-        while True:
+        chunks = 0
+        while max_chunks is None or chunks < max_chunks:
+            chunks += 1
             with transaction(self._conn) as conn:
                 rows = conn.execute(
                     "SELECT seq, hash, acked_at IS NOT NULL AND recorded_at < ? FROM records "
@@ -561,7 +566,7 @@ class Journal:
             if len(expired) < chunk:
                 break
         if deleted:
-            # Hands the freed pages back and truncates the write-ahead log to its size limit.
+            # Copies the purge into the database file and truncates the write-ahead log.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             log.info("journal_purged", records=deleted, anchor_seq=self.anchor().seq)
         return deleted

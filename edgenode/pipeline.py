@@ -78,6 +78,11 @@ class Gate:
         # Wall-clock time of each code's last admit at this gate, for replay detection.
         self._last_admit: dict[bytes, float] = {}
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config's policy. The pairing windows keep their start-up values."""
+        self.config = config
+        self._token_patterns = config.policy.compiled_token_patterns()
+
     def process_frame(
         self, frame: Frame, *, station: str, at: float, received: float | None = None
     ) -> list[VerdictEvent]:

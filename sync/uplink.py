@@ -240,6 +240,8 @@ class Uplink:
         self._alarm_pending = False
         self._clock_skew_s: float | None = None
         self._skew_logged_at = 0.0
+        # Alarm bodies waiting for a connection, oldest first.
+        self._pending_alarms: list[dict[str, Any]] = []
         self._status = UplinkStatus(
             connection_state=connection.state.value,
             last_error=None,
@@ -549,6 +551,7 @@ class Uplink:
                 log.error("uplink_journal_read_failed", error=repr(exc))
             else:
                 await self._check_outbox_bound(status.backlog)
+            await self._send_pending_alarms()
             self._write_state_file()
             await asyncio.sleep(STATUS_INTERVAL_S)
 
@@ -579,6 +582,34 @@ class Uplink:
             except NotConnected:
                 return  # Sent at the next check while the alarm is still raised.
             self._alarm_pending = False
+
+    def raise_alarm(self, fields: dict[str, str]) -> None:
+        """Queue a gate alarm such as {"alarm": "file_corrupt", ...} for the priority topic.
+
+        It is sent at the next status check while connected. Queued alarms live in memory
+        only, so one raised just before a crash is lost upstream but stays in the log.
+        """
+        body: dict[str, Any] = {
+            "type": "alarm",
+            "site": self.topics.site,
+            "device": self.topics.device,
+            "raised_at": self.clock(),
+            **fields,
+        }
+        self._pending_alarms.append(body)
+        log.error("gate_alarm_raised", **fields)
+
+    async def _send_pending_alarms(self) -> None:
+        while self._pending_alarms and self.connection.connected:
+            body = self._pending_alarms[0]
+            try:
+                await self.connection.publish(
+                    self.topics.priority, encode_message(body, self._device_key), qos=1
+                )
+            except NotConnected:
+                return  # Sent at the next check.
+            self._pending_alarms.pop(0)
+            log.info("gate_alarm_sent", alarm=body.get("alarm"))
 
     def _on_connection_state(self, state: ConnectionState) -> None:
         self._write_state_file()

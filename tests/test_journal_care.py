@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from edgenode.cli import main
-from edgenode.journal import GENESIS_HASH, WAL_SIZE_LIMIT_BYTES, Journal, JournalError, VerdictEntry
+from edgenode.journal import (
+    _MIGRATIONS,
+    GENESIS_HASH,
+    WAL_SIZE_LIMIT_BYTES,
+    Journal,
+    JournalError,
+    VerdictEntry,
+)
 from edgenode.policy import Outcome, Verdict
 from edgenode.reasons import Reason
 
@@ -162,16 +169,29 @@ def test_verdicts_decided_together_share_one_commit(tmp_path: Path) -> None:
 # --- migrations ---
 
 
-def downgrade_to_v2(path: Path) -> None:
-    raw(path, "DROP TABLE chain_anchor")
-    raw(path, "DELETE FROM schema_migrations WHERE version = 3")
+def create_v2_journal(path: Path, records: int) -> None:
+    """Write a journal at schema version 2, as an older release left it."""
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    for version, script in enumerate(_MIGRATIONS[:2], start=1):
+        conn.executescript(script)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+    for n in range(1, records + 1):
+        conn.execute(
+            "INSERT INTO records (kind, device_id, station, recorded_at, clock_trusted, verdict, "
+            "reasons, prev_hash, hash) VALUES ('verdict', 'gate-01', 'north', ?, 1, 'deny', "
+            "'[]', zeroblob(32), zeroblob(32))",
+            (NOW + n,),
+        )
+    conn.commit()
+    conn.close()
 
 
 def test_migration_backs_up_the_journal_first(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
-    with Journal(path, "gate-01") as journal:
-        fill(journal, [NOW, NOW])
-    downgrade_to_v2(path)
+    create_v2_journal(path, records=2)
     Journal(path, "gate-01").close()
     backup = tmp_path / "j.db.v2.bak"
     conn = sqlite3.connect(backup)
@@ -186,11 +206,9 @@ def test_migration_backs_up_the_journal_first(tmp_path: Path) -> None:
 
 def test_successful_migration_removes_older_backup(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
-    with Journal(path, "gate-01") as journal:
-        fill(journal, [NOW])
+    create_v2_journal(path, records=1)
     older = tmp_path / "j.db.v1.bak"
     older.write_bytes(b"an older backup")
-    downgrade_to_v2(path)
     Journal(path, "gate-01").close()
     assert not older.exists()
     assert (tmp_path / "j.db.v2.bak").exists()
@@ -203,10 +221,8 @@ def test_new_journal_makes_no_backup(tmp_path: Path) -> None:
 
 def test_seq_continues_after_migration(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
-    with Journal(path, "gate-01") as journal:
-        fill(journal, [NOW, NOW])
+    create_v2_journal(path, records=2)
     raw(path, "DELETE FROM records WHERE seq = 2")
-    downgrade_to_v2(path)
     with Journal(path, "gate-01") as journal:
         next_seqs = fill(journal, [NOW])
     assert next_seqs == [3]
