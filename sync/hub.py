@@ -5,15 +5,20 @@ so the broker gives each uplink message to one of them. For each batch the hub
 
 1. looks up the gate by the topic's site and device in the registry,
 2. checks the batch signature against that gate's public key,
-3. stores the records in one transaction, dropping those already stored, and
+3. queues the batch for the committer, which stores every batch waiting in one transaction,
+   dropping records already stored, and
 4. only after the commit publishes a signed ``ack`` for every seq of the batch, since each one
    is then stored, either now or earlier.
 
+Committing the waiting batches together shares one fsync between them: with one commit per
+batch, the fsync limited a hub to about 2,000 verdicts per second in batches of 100
+(benchmarks/hub_ingest.py).
+
 A batch from an unknown or disabled gate, or one that fails the signature check, is rejected
-and never stored. The connection sends the PUBACK only after the handler returns, but a hub
-that dies before its commit does not get the message back from the broker: Mosquitto keeps
-it in the dead client's session. The gate sends the batch again after its ack timeout, and
-another hub stores it then.
+and never stored. The connection sends the PUBACK when the handler has queued the batch, so
+before its commit, and a hub that dies before its commit does not get the message back from
+the broker either: Mosquitto keeps it in the dead client's session. The gate sends the batch
+again after its ack timeout, and another hub stores it then.
 
 Hubs connect with a session expiry of 0: Mosquitto 2.0.11 keeps giving a stopped member's
 session its share of a shared subscription until the session expires (a probe with one live
@@ -42,7 +47,14 @@ from edgenode.config import SyncConfig
 from sync.alarms import Alarm, AlarmChecker, AlarmKind
 from sync.connection import Connection, NotConnected
 from sync.enrollment import ENROLL_KIND, EnrollmentService
-from sync.hub_store import BatchResult, Device, InvalidRecord, WireRecord, parse_records
+from sync.hub_store import (
+    BatchInsert,
+    BatchResult,
+    Device,
+    InvalidRecord,
+    WireRecord,
+    parse_records,
+)
 from sync.protocol import (
     TOPIC_ROOT,
     MessageError,
@@ -73,6 +85,12 @@ _SIGNATURE_REASONS = frozenset({"unknown_signer", "bad_signature"})
 # Stored batches waiting for their alarm checks. When the checks fall this far behind, a
 # batch's checks are skipped and logged, and the periodic sweep still covers silent gates.
 MAX_PENDING_CHECKS = 1024
+# Batches queued for the committer. When it is full, the MQTT dispatch waits, and the broker
+# holds the messages that follow.
+MAX_PENDING_COMMITS = 256
+# Batches stored in one transaction at most, which bounds a transaction to 64 x 10,000
+# records at the largest batch size that gates may send (``batch_max_records``).
+MAX_COMMIT_BATCHES = 64
 # Gates' requests (chunks, snapshots) served at the same time by one hub process.
 MAX_PENDING_REQUESTS = 64
 SILENT_CHECK_INTERVAL_S = 60.0
@@ -154,6 +172,7 @@ class Hub:
         # checks never delay the next batch's commit and ack.
         self._alarm_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-alarms")
         self._checks: asyncio.Queue[_Check] = asyncio.Queue(maxsize=MAX_PENDING_CHECKS)
+        self._commits: asyncio.Queue[_PendingBatch] = asyncio.Queue(maxsize=MAX_PENDING_COMMITS)
         self._requests: set[asyncio.Task[None]] = set()
         self.alarms: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -168,9 +187,9 @@ class Hub:
         """Open the store and ingest until cancelled."""
         self._store = await self._in_store(open_store, self.store_path)
         log.info("hub_started", hub_id=self.hub_id, store=str(self.store_path))
-        workers = []
+        workers = [asyncio.create_task(self._run_commits(), name="hub-commits")]
         if self.alarm_checker is not None:
-            workers = [
+            workers += [
                 asyncio.create_task(self._run_checks(), name="hub-alarm-checks"),
                 asyncio.create_task(self._check_silent_gates(), name="hub-silent-check"),
             ]
@@ -263,12 +282,39 @@ class Hub:
             self._reject(exc, uplink, batch_id=batch_id if isinstance(batch_id, str) else None)
             return
 
-        records = parsed.valid
-        try:
-            result = await self._commit(device, records, str(lane), batch_id, parsed.invalid)
-        except StoreUnavailable as exc:
-            self._store_failed(exc, uplink, batch_id=batch_id)
-            return
+        batch = BatchInsert(device, tuple(parsed.valid), str(lane), batch_id, tuple(parsed.invalid))
+        await self._commits.put(_PendingBatch(uplink, batch))
+
+    async def _run_commits(self) -> None:
+        """Store the queued batches, all those waiting in one transaction, then ack each one."""
+        while True:
+            group = [await self._commits.get()]
+            while len(group) < MAX_COMMIT_BATCHES and not self._commits.empty():
+                group.append(self._commits.get_nowait())
+            try:
+                results = await self._commit([pending.batch for pending in group])
+            except StoreUnavailable as exc:
+                for pending in group:
+                    self._store_failed(exc, pending.uplink, batch_id=pending.batch.batch_id)
+                continue
+            except Exception as exc:  # sqlite3.Error, psycopg.Error: no ack, the gates resend.
+                log.error(
+                    "batches_not_stored",
+                    error=repr(exc),
+                    batch_ids=[pending.batch.batch_id for pending in group],
+                )
+                continue
+            await asyncio.gather(
+                *(
+                    self._finish_batch(pending, result)
+                    for pending, result in zip(group, results, strict=True)
+                )
+            )
+
+    async def _finish_batch(self, pending: _PendingBatch, result: BatchResult) -> None:
+        """Count, log and ack a committed batch, then queue its alarm checks."""
+        uplink, batch = pending.uplink, pending.batch
+        device, batch_id, lane, records = batch.device, batch.batch_id, batch.lane, batch.records
         self.stored_records += result.new
         self.duplicate_records += result.duplicates
         log.debug(
@@ -284,24 +330,16 @@ class Hub:
         # Invalid records with a seq are kept in rejected_records and acked with the rest,
         # so the gate stops sending them; the bad_record alarm tells district staff.
         acked = [record.seq for record in records]
-        acked += [item.seq for item in parsed.invalid if item.seq is not None]
+        acked += [item.seq for item in batch.invalid if item.seq is not None]
         if acked:
             await self._send_ack(uplink, batch_id, acked)
-        self._queue_check(_Check(device, batch_id, records, parsed.invalid, result))
+        self._queue_check(_Check(device, batch_id, list(records), list(batch.invalid), result))
 
-    async def _commit(
-        self,
-        device: Device,
-        records: list[WireRecord],
-        lane: str,
-        batch_id: str,
-        invalid: list[InvalidRecord],
-    ) -> BatchResult:
-        """Store the batch. Raises StoreUnavailable or sqlite3.Error, and then no ack is sent."""
+    async def _commit(self, batches: list[BatchInsert]) -> list[BatchResult]:
+        """Store batches in one transaction. Raises StoreUnavailable or sqlite3.Error, and then
+        no ack is sent."""
         store = self._require_store()
-        return await self._in_store(
-            store.insert_batch, device, records, lane=lane, batch_id=batch_id, invalid=invalid
-        )
+        return await self._in_store(store.insert_batches, batches)
 
     async def _send_ack(self, uplink: _Uplink, batch_id: str, seqs: list[int]) -> None:
         ack = {
@@ -428,6 +466,14 @@ class Hub:
     async def _in_store(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingBatch:
+    """A checked batch waiting for the committer, with the topic it came on."""
+
+    uplink: _Uplink
+    batch: BatchInsert
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,25 @@ class BatchResult:
     chain_breaks: tuple[int, ...] = ()
 
 
+def batch_result(
+    records: Sequence[WireRecord], stored: dict[int, tuple[str, str]], new: int, rejected: int
+) -> BatchResult:
+    """Build a batch's result from the (prev_hash, hash) by seq stored before its insert."""
+    conflicts = tuple(
+        record.seq
+        for record in records
+        if record.seq in stored and stored[record.seq][1] != record.hash
+    )
+    fresh = [record for record in records if record.seq not in stored]
+    return BatchResult(
+        new=new,
+        duplicates=len(records) - new,
+        rejected=rejected,
+        conflicts=conflicts,
+        chain_breaks=_chain_breaks(fresh, records, stored),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
     """A gate in the registry. ``id`` is the store's key for the device."""
@@ -213,6 +232,18 @@ class Device:
     public_key: bytes
     enabled: bool
     registered_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInsert:
+    """One batch for ``insert_batches``: the arguments of ``insert_batch``."""
+
+    device: Device
+    records: tuple[WireRecord, ...]
+    lane: str
+    batch_id: str
+    invalid: tuple[InvalidRecord, ...] = ()
+    received_at: float | None = None
 
 
 class HubStore:
@@ -312,47 +343,53 @@ class HubStore:
         copy contains; a copy with another hash is reported in ``conflicts``. Invalid records
         without a seq are not stored.
         """
-        received_at = time.time() if received_at is None else received_at
-        rows = [_record_row(device.id, record, lane, batch_id, received_at) for record in records]
-        rejected_rows = [
-            (device.id, item.seq, item.reason, item.body, batch_id, received_at)
-            for item in invalid
-            if item.seq is not None
-        ]
+        batch = BatchInsert(device, tuple(records), lane, batch_id, tuple(invalid), received_at)
+        return self.insert_batches([batch])[0]
+
+    def insert_batches(self, batches: Sequence[BatchInsert]) -> list[BatchResult]:
+        """Store several batches in one transaction, as ``insert_batch`` stores one.
+
+        The batches share one commit, and so one fsync, which is most of a small batch's cost.
+        Returns one result per batch, in order. A later batch sees the records of the earlier
+        ones as stored.
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            stored = self._stored_hashes(device, records)
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO records (device, seq, kind, recorded_at, age_s, station, "
-                "verdict, reasons, health_subject, community_subject, latency_ms, clock_trusted, "
-                "prev_hash, hash, lane, batch_id, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            new = self._db.total_changes - before
-            self._db.executemany(
-                "INSERT OR IGNORE INTO rejected_records (device, seq, reason, body, batch_id, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                rejected_rows,
-            )
+            results = [self._insert(batch) for batch in batches]
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        conflicts = tuple(
-            record.seq
-            for record in records
-            if record.seq in stored and stored[record.seq][1] != record.hash
+        return results
+
+    def _insert(self, batch: BatchInsert) -> BatchResult:
+        """Insert one batch inside the caller's transaction."""
+        device, records, batch_id = batch.device, batch.records, batch.batch_id
+        received_at = time.time() if batch.received_at is None else batch.received_at
+        rows = [
+            _record_row(device.id, record, batch.lane, batch_id, received_at) for record in records
+        ]
+        rejected_rows = [
+            (device.id, item.seq, item.reason, item.body, batch_id, received_at)
+            for item in batch.invalid
+            if item.seq is not None
+        ]
+        stored = self._stored_hashes(device, records)
+        before = self._db.total_changes
+        self._db.executemany(
+            "INSERT OR IGNORE INTO records (device, seq, kind, recorded_at, age_s, station, "
+            "verdict, reasons, health_subject, community_subject, latency_ms, clock_trusted, "
+            "prev_hash, hash, lane, batch_id, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
-        fresh = [record for record in records if record.seq not in stored]
-        return BatchResult(
-            new=new,
-            duplicates=len(rows) - new,
-            rejected=len(rejected_rows),
-            conflicts=conflicts,
-            chain_breaks=_chain_breaks(fresh, records, stored),
+        new = self._db.total_changes - before
+        self._db.executemany(
+            "INSERT OR IGNORE INTO rejected_records (device, seq, reason, body, batch_id, "
+            "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+            rejected_rows,
         )
+        return batch_result(records, stored, new, len(rejected_rows))
 
     def _stored_hashes(
         self, device: Device, records: Sequence[WireRecord]

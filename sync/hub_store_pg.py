@@ -27,13 +27,14 @@ from psycopg import errors
 from edgenode.sqlite_db import split_statements
 from sync.hub_store import (
     PUBLIC_KEY_BYTES,
+    BatchInsert,
     BatchResult,
     Device,
     HubStoreError,
     InvalidRecord,
     TokenRejected,
     WireRecord,
-    _chain_breaks,
+    batch_result,
 )
 from sync.report import _RECORD_COLUMNS, StoredRecord, _stored_record
 from sync.store_backend import StoreUnavailable, redact_url
@@ -287,40 +288,12 @@ class PostgresHubStore:
         is, a stored copy with another hash is reported in ``conflicts``, and invalid records
         without a seq are not stored.
         """
-        received_at = time.time() if received_at is None else received_at
-        rows = [_record_row(device.id, record, lane, batch_id, received_at) for record in records]
-        rejected_rows = [
-            (device.id, item.seq, item.reason, item.body, batch_id, received_at)
-            for item in invalid
-            if item.seq is not None
-        ]
+        batch = BatchInsert(device, tuple(records), lane, batch_id, tuple(invalid), received_at)
+        return self.insert_batches([batch])[0]
 
-        def insert(db: psycopg.Connection[tuple[Any, ...]]) -> tuple[dict[int, Any], int]:
-            stored = _stored_hashes(db, device, records)
-            new = 0
-            with db.cursor() as cursor:
-                if rows:
-                    # psycopg 3.1 and later sum rowcount over the statements of executemany.
-                    cursor.executemany(_INSERT_RECORD, rows)
-                    new = max(cursor.rowcount, 0)
-                if rejected_rows:
-                    cursor.executemany(_INSERT_REJECTED, rejected_rows)
-            return stored, new
-
-        stored, new = self._run(insert)
-        conflicts = tuple(
-            record.seq
-            for record in records
-            if record.seq in stored and stored[record.seq][1] != record.hash
-        )
-        fresh = [record for record in records if record.seq not in stored]
-        return BatchResult(
-            new=new,
-            duplicates=len(rows) - new,
-            rejected=len(rejected_rows),
-            conflicts=conflicts,
-            chain_breaks=_chain_breaks(fresh, records, stored),
-        )
+    def insert_batches(self, batches: Sequence[BatchInsert]) -> list[BatchResult]:
+        """Store several batches in one transaction, as ``HubStore.insert_batches`` does."""
+        return self._run(lambda db: [_insert(db, batch) for batch in batches])
 
     def stored_seqs(self, device: Device) -> list[int]:
         rows = self._run(
@@ -477,6 +450,28 @@ def _get_device(
         (site, device_id),
     ).fetchone()
     return None if row is None else _device(row)
+
+
+def _insert(db: psycopg.Connection[tuple[Any, ...]], batch: BatchInsert) -> BatchResult:
+    """Insert one batch inside the caller's transaction."""
+    device, records, batch_id = batch.device, batch.records, batch.batch_id
+    received_at = time.time() if batch.received_at is None else batch.received_at
+    rows = [_record_row(device.id, record, batch.lane, batch_id, received_at) for record in records]
+    rejected_rows = [
+        (device.id, item.seq, item.reason, item.body, batch_id, received_at)
+        for item in batch.invalid
+        if item.seq is not None
+    ]
+    stored = _stored_hashes(db, device, records)
+    new = 0
+    with db.cursor() as cursor:
+        if rows:
+            # psycopg 3.1 and later sum rowcount over the statements of executemany.
+            cursor.executemany(_INSERT_RECORD, rows)
+            new = max(cursor.rowcount, 0)
+        if rejected_rows:
+            cursor.executemany(_INSERT_REJECTED, rejected_rows)
+    return batch_result(records, stored, new, len(rejected_rows))
 
 
 def _stored_hashes(

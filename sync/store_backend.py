@@ -15,7 +15,14 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
-from sync.hub_store import BatchResult, Device, HubStore, InvalidRecord, WireRecord
+from sync.hub_store import (
+    BatchInsert,
+    BatchResult,
+    Device,
+    HubStore,
+    InvalidRecord,
+    WireRecord,
+)
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -72,6 +79,8 @@ class HubStoreBackend(Protocol):
         received_at: float | None = None,
         invalid: Sequence[InvalidRecord] = (),
     ) -> BatchResult: ...
+
+    def insert_batches(self, batches: Sequence[BatchInsert]) -> list[BatchResult]: ...
 
     def stored_seqs(self, device: Device) -> list[int]: ...
 

@@ -7,6 +7,8 @@ comes from tests/postgres.py; without one these tests skip, or fail under ``CI=t
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from nacl.signing import SigningKey
 from structlog.testing import capture_logs
 
 from sync.hub_store import MIGRATIONS as SQLITE_MIGRATIONS
-from sync.hub_store import HubStoreError, InvalidRecord, TokenRejected, WireRecord
+from sync.hub_store import BatchInsert, HubStoreError, InvalidRecord, TokenRejected, WireRecord
 from sync.hub_store_pg import MIGRATIONS as POSTGRES_MIGRATIONS
 from sync.hub_store_pg import PostgresHubStore
 from sync.store_backend import (
@@ -131,6 +133,39 @@ def test_store_insert_batch_idempotent(location: StoreLocation) -> None:
         assert rows[0]["health_subject"] == "aa" * 16
         assert rows[0]["community_subject"] is None
         assert bool(rows[0]["clock_trusted"]) is True
+
+
+def test_store_insert_batches_in_one_transaction(location: StoreLocation) -> None:
+    with open_store(location) as store:
+        first = store.register_device("S1", "gate-01", KEY)
+        second = store.register_device("S1", "gate-02", KEY)
+        results = store.insert_batches(
+            [
+                BatchInsert(first, tuple(chain(1, 3)), "normal", "a"),
+                BatchInsert(second, tuple(chain(1, 2)), "normal", "b"),
+                # Overlaps the first batch of the same transaction.
+                BatchInsert(first, tuple(chain(3, 5)), "priority", "c"),
+            ]
+        )
+        assert [(r.new, r.duplicates) for r in results] == [(3, 0), (2, 0), (2, 1)]
+        assert results[2].chain_breaks == ()
+        assert store.stored_seqs(first) == [1, 2, 3, 4, 5]
+        assert store.stored_seqs(second) == [1, 2]
+        assert store.insert_batches([]) == []
+
+
+def test_store_insert_batches_rolls_back_whole(location: StoreLocation) -> None:
+    with open_store(location) as store:
+        device = store.register_device("S1", "gate-01", KEY)
+        missing = dataclasses.replace(device, id=device.id + 1000)
+        with pytest.raises((sqlite3.IntegrityError, psycopg.errors.ForeignKeyViolation)):
+            store.insert_batches(
+                [
+                    BatchInsert(device, tuple(chain(1, 3)), "normal", "a"),
+                    BatchInsert(missing, tuple(chain(1, 3)), "normal", "b"),
+                ]
+            )
+        assert store.stored_seqs(device) == []
 
 
 def test_store_reports_conflicts_and_chain_breaks(location: StoreLocation) -> None:
