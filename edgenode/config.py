@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -317,6 +318,46 @@ class MetricsConfig(_Strict):
     )
 
 
+class ScreenConfig(_Strict):
+    enabled: bool = Field(
+        default=False, description="Serve the guard's screen while `edgenode run` runs."
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the screen listens on; an address off this machine needs `token`.",
+    )
+    port: Annotated[int, Field(ge=1, le=65_535)] = Field(
+        default=8080, description="TCP port of the screen."
+    )
+    token: (
+        Annotated[str, Field(min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")] | None
+    ) = Field(
+        default=None,
+        description="Secret the browser presents once as /?token=...; needed off loopback.",
+    )
+    clear_after_s: Annotated[float, Field(ge=1, le=120)] = Field(
+        default=6.0, description="Seconds a verdict stays on the screen."
+    )
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ScreenConfig:
+        if self.token is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines: set token, "
+                "or listen on 127.0.0.1"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class GuardConfig(_Strict):
     shift_max_s: Annotated[int, Field(ge=600, le=86_400)] = Field(
         default=43_200,
@@ -348,6 +389,7 @@ class Config(_Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    screen: ScreenConfig = Field(default_factory=ScreenConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Input sources that `edgenode run` reads."

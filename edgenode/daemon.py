@@ -22,8 +22,10 @@ import structlog
 from edgenode.cache import Cache
 from edgenode.config import Config
 from edgenode.decoders import create_decoder
-from edgenode.guard_desk import GuardSession, OverrideDecision, OverrideEvent
+from edgenode.guard_desk import GuardDesk, GuardSession, OverrideDecision, OverrideEvent
+from edgenode.guards import GuardStore
 from edgenode.i18n import N_, language_from_env, translator
+from edgenode.id_numbers import read_id_lookup_key
 from edgenode.journal import Journal
 from edgenode.metrics import GateMetrics
 from edgenode.pipeline import Gate, VerdictEvent, WallClock, system_clock
@@ -81,6 +83,7 @@ class Daemon:
         self._cache: Cache | None = None
         self._journal: Journal | None = None
         self._gate: Gate | None = None
+        self._desk: GuardDesk | None = None
         # Corrupt state files that open() moved aside, for the caller to send upstream.
         self.startup_alarms: list[StorageAlarm] = []
         # Reads the config file again on SIGHUP; None when the daemon has no file to read.
@@ -101,6 +104,7 @@ class Daemon:
         self._cache, self._journal, self.startup_alarms = open_storage(self.config)
         decoder = create_decoder(self.config.decoder.backend)
         self._gate = Gate(self.config, self._cache, self._journal, decoder, clock=self.clock)
+        self._desk = self._open_guard_desk(self._journal)
         if self._cache.is_empty():
             log.warning("cache_empty", path=str(self.config.cache_path))
 
