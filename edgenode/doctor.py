@@ -148,18 +148,20 @@ def _owner_only_problem(path: Path) -> str | None:
 
 
 def check_keys(config: Config) -> Finding:
-    """Check the device key and the broker secrets: present, and readable by the owner only."""
+    """Check the device key, broker secrets and ID lookup key: present and owner-only."""
     secrets = [config.device_key_path]
     if config.sync.tls is not None and config.sync.tls.key_file is not None:
         secrets.append(config.sync.tls.key_file)
     if config.sync.password_file is not None:
         secrets.append(config.sync.password_file)
+    if config.guard.id_lookup_key_file is not None:
+        secrets.append(config.guard.id_lookup_key_file)
     missing = [path for path in secrets if _owner_only_problem(path) == "missing"]
     if missing:
         return failed(
             N_("Missing: {paths}"),
-            N_("Create the device key with 'edgenode init'; copy the broker secrets named in "
-               "[sync]."),
+            N_("Create the device key with 'edgenode init'. Copy the other files into place: "
+               "the [sync] secrets and guard.id_lookup_key_file."),
             paths=", ".join(str(path) for path in missing),
         )  # fmt: skip
     problems = {path: _owner_only_problem(path) for path in secrets}

@@ -152,6 +152,16 @@ def test_world_readable_password_file_fails(site: Site, tmp_path: Path) -> None:
     assert str(password) in finding.values["paths"]
 
 
+def test_missing_id_lookup_key_fails(site: Site, tmp_path: Path) -> None:
+    lookup_key = tmp_path / "id-lookup.key"
+    config = site_config(site, guard={"id_lookup_key_file": str(lookup_key)})
+    config.device.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_device_key(config.device_key_path)
+    finding = check_keys(config)
+    assert finding.status is Status.FAILED
+    assert finding.values["paths"] == str(lookup_key)
+
+
 # --- cameras ---
 
 
