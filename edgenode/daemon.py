@@ -22,6 +22,7 @@ import structlog
 from edgenode.cache import Cache
 from edgenode.config import Config
 from edgenode.decoders import create_decoder
+from edgenode.gate_status import GateStatus, TodayCounts, read_status
 from edgenode.guard_desk import GuardDesk, GuardSession, OverrideDecision, OverrideEvent
 from edgenode.guards import GuardStore
 from edgenode.i18n import N_, language_from_env, translator
@@ -83,13 +84,14 @@ class Daemon:
         self._cache: Cache | None = None
         self._journal: Journal | None = None
         self._gate: Gate | None = None
-        self._desk: GuardDesk | None = None
         # Corrupt state files that open() moved aside, for the caller to send upstream.
         self.startup_alarms: list[StorageAlarm] = []
         # Reads the config file again on SIGHUP; None when the daemon has no file to read.
         self.config_loader: Callable[[], Config] | None = None
         self._reload_task: asyncio.Task[bool] | None = None
         self.services.append(("journal-retention", self._retain))
+        self._desk: GuardDesk | None = None
+        self._counts_today = TodayCounts()
         self.metrics = GateMetrics(
             config,
             self.sources,
@@ -105,6 +107,7 @@ class Daemon:
         decoder = create_decoder(self.config.decoder.backend)
         self._gate = Gate(self.config, self._cache, self._journal, decoder, clock=self.clock)
         self._desk = self._open_guard_desk(self._journal)
+        self._counts_today.seed(self._journal, self.clock().now)
         if self._cache.is_empty():
             log.warning("cache_empty", path=str(self.config.cache_path))
 
@@ -318,12 +321,29 @@ class Daemon:
 
     def _notify(self, events: list[VerdictEvent]) -> None:
         for event in events:
+            self._counts_today.add(event)
             self.metrics.on_verdict(event)
             for listener in self.listeners:
                 try:
                     listener(event)
                 except Exception as exc:
                     log.exception("listener_failed", seq=event.record.seq, error=repr(exc))
+
+    async def status(self) -> GateStatus:
+        """Take a snapshot of data age, clock trust, sources and today's counts."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._read_status)
+
+    def _read_status(self) -> GateStatus:
+        if self._cache is None:
+            raise RuntimeError("Daemon.open() was not called")
+        return read_status(
+            cache=self._cache,
+            clock=self.clock(),
+            stale_after_s=self.config.policy.stale_after_s,
+            sources=self.sources,
+            counts=self._counts_today,
+        )
 
     # --- the guard's desk ---
 
