@@ -266,7 +266,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    from edgenode import feeds_cli, hub_cli, report_cli
+    from edgenode import enroll_cli, feeds_cli, hub_cli, report_cli
 
     district = commands.add_parser("district", help="district-side tools").add_subparsers(
         dest="district_command", required=True, metavar="COMMAND"
@@ -274,6 +274,10 @@ def add_commands(commands: Any) -> None:
     hub_cli.add_commands(district)
     report_cli.add_commands(district)
     feeds_cli.add_commands(district)
+    enroll_cli.add_district_commands(district)
+    # 'edgenode provision' is a gate command, but it is added here with the 'district enroll'
+    # that writes its bundle, so that both live in enroll_cli.
+    enroll_cli.add_commands(commands)
     issue = district.add_parser("issue", help="mint keys, codes and snapshots").add_subparsers(
         dest="issue_command", required=True, metavar="WHAT"
     )

@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
+from pydantic import ValidationError
+
+from edgenode.config import DeviceConfig
 from edgenode.district import KeyFileError, read_key
 from edgenode.district_cli import DistrictError
 from edgenode.district_keys import (
     ISSUER_ROLES,
+    ActiveIssuerKey,
     KeyringError,
     active_issuer_keys,
     describe_keys,
@@ -127,34 +132,44 @@ def _read_optional(path: str | None, what: str) -> str | None:
         raise DistrictError(f"cannot read the {what} file {path}: {exc}") from exc
 
 
-def _cmd_enroll(args: argparse.Namespace) -> int:
-    tr: Translator = args.tr
-    folder, config = _key_folder(args)
+def _check_gate(args: argparse.Namespace) -> None:
+    """Check the gate's names against the gate's config model before a token is stored."""
+    try:
+        DeviceConfig(id=args.gate, site=args.site, station=args.station)
+    except ValidationError as exc:
+        issues = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise DistrictError(f"invalid gate for a config: {issues}") from exc
+    if args.valid_for <= 0:
+        raise DistrictError(
+            f"--valid-for must be a positive number of seconds, not {args.valid_for}"
+        )
+
+
+def _build_bundle(
+    args: argparse.Namespace, district_key: SigningKey, issuers: list[ActiveIssuerKey], now: int
+) -> Bundle:
     try:
         host, port, tls = parse_broker_url(args.broker)
     except ValueError as exc:
         raise DistrictError(str(exc)) from exc
     if args.ca_file is not None and not tls:
-        raise DistrictError(tr.gettext("--ca-file needs an mqtts:// broker address"))
-    now = int(time.time())
-    try:
-        district_key = read_key(config.district_key_file)
-        issuers = active_issuer_keys(folder, now)
-    except (KeyFileError, KeyringError) as exc:
-        raise DistrictError(str(exc)) from exc
-    token = new_token()
-    bundle = Bundle(
+        raise DistrictError(args.tr.gettext("--ca-file needs an mqtts:// broker address"))
+    broker = BrokerSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        ca_pem=_read_optional(args.ca_file, "CA certificate"),
+        username=args.username,
+        password=_read_optional(args.password_file, "password"),
+    )
+    return Bundle(
         site=args.site,
         device=args.gate,
         station=args.station,
-        broker=BrokerSettings(
-            host=host,
-            port=port,
-            tls=tls,
-            ca_pem=_read_optional(args.ca_file, "CA certificate"),
-            username=args.username,
-            password=_read_optional(args.password_file, "password"),
-        ),
+        broker=broker,
         district_keys=(base64.b64encode(bytes(district_key.verify_key)).decode("ascii"),),
         issuers=tuple(
             {
@@ -165,15 +180,39 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             }
             for issuer in issuers
         ),
-        token=token,
+        token=new_token(),
         issued_at=now,
         expires_at=now + args.valid_for,
     )
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    tr: Translator = args.tr
+    folder, config = _key_folder(args)
+    _check_gate(args)
     out = Path(args.out)
+    if out.exists():
+        raise DistrictError(
+            tr.gettext("{path} already exists; choose another file").format(path=out)
+        )
+    now = int(time.time())
+    try:
+        district_key = read_key(config.district_key_file)
+        issuers = active_issuer_keys(folder, now)
+    except (KeyFileError, KeyringError) as exc:
+        raise DistrictError(str(exc)) from exc
+    bundle = _build_bundle(args, district_key, issuers, now)
+
+    # The token is stored before the file is written, so a bundle never carries a token that
+    # the hub does not know.
     try:
         with open_store(config.store) as store:
             store.add_enrollment_token(
-                hash_token(token), args.site, args.gate, expires_at=bundle.expires_at, now=now
+                hash_token(bundle.token),
+                args.site,
+                args.gate,
+                expires_at=bundle.expires_at,
+                now=now,
             )
     except (HubStoreError, StoreUnavailable) as exc:
         raise DistrictError(str(exc)) from exc
@@ -183,6 +222,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise DistrictError(
             tr.gettext("{path} already exists; choose another file").format(path=out)
         ) from exc
+
     print(
         tr.gettext("Wrote the enrollment bundle {path} for {gate} at {site}").format(
             path=out, gate=args.gate, site=args.site

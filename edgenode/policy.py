@@ -200,8 +200,10 @@ def _check_signed(
     if not verify_signature(code, issuer.public_key):
         findings.add(_Severity.DENY, Reason.BAD_SIGNATURE)
         return
+    # A key past its valid_until is retired, for example at the end of a rotation's overlap:
+    # its codes are denied from then on, even those it signed while it was valid.
     if code_type not in issuer.code_types or not (
-        issuer.valid_from <= code.issued_at <= issuer.valid_until
+        issuer.valid_from <= code.issued_at <= issuer.valid_until and now <= issuer.valid_until
     ):
         findings.add(_Severity.DENY, Reason.ISSUER_KEY_NOT_VALID)
     if code.expires_at <= now:

@@ -7,7 +7,7 @@
 3. Connect to the broker, send the signed enroll request and wait for the district's result
    (sync/enrollment.py).
 4. Request a snapshot through the normal downlink (sync/downlink.py) and wait until the cache
-   holds it, so the gate can decide at once.
+   has it, so the gate can decide at once.
 5. Rename the staged config to ``edgenode.toml``.
 
 Only a finished run leaves ``edgenode.toml``. A run that fails before the district accepted
