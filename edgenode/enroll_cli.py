@@ -52,6 +52,14 @@ from sync.identity import DeviceKeyError
 from sync.store_backend import StoreUnavailable, open_store
 
 DAY_S = 86_400
+BUNDLE_ADVICE = {
+    "unreadable": N_("The bundle file cannot be read: check the path and the permissions."),
+    "bad_format": N_("The file is not an enrollment bundle, or it is damaged: ask for a new one."),
+    "bad_signature": N_(
+        "The bundle's signature does not verify: the file was changed or damaged, so do not "
+        "use it, and ask the district for a new one."
+    ),
+}
 STATE_WORDS = {"in use": N_("in use"), "retiring": N_("retiring"), "retired": N_("retired")}
 
 
@@ -262,10 +270,13 @@ def _cmd_provision(args: argparse.Namespace) -> int:
             )
         )
     except BundleError as exc:
+        advice = BUNDLE_ADVICE.get(exc.reason, BUNDLE_ADVICE["bad_format"])
         raise DistrictError(
             tr.gettext("Invalid enrollment bundle ({reason}): {error}").format(
                 reason=exc.reason, error=exc
             )
+            + "\n"
+            + tr.gettext(advice)
         ) from exc
     except ProvisionError as exc:
         fields = {

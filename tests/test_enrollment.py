@@ -489,6 +489,33 @@ def test_hub_rejects_unknown_and_expired_tokens(
     assert listed_devices(capsys, district) == []
 
 
+def test_provision_times_out_without_hub(
+    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    district = District(tmp_path / "district", broker)
+    assert run_cli(capsys, "district", "issue", "keys", "--out", str(district.keys)).code == 0
+    bundle = tmp_path / "bundle.json"
+    district_key = read_key(district.keys / KEY_FILES["district"])
+    write_bundle(
+        bundle, district.bundle(new_token(), expires_at=int(time.time()) + 600), district_key
+    )
+
+    result = run_cli(
+        capsys,
+        "provision",
+        str(bundle),
+        "--config-dir",
+        str(tmp_path / "gate" / "etc"),
+        "--state-dir",
+        str(tmp_path / "gate" / "state"),
+        "--timeout",
+        "2",
+    )
+    assert result.code == 1
+    assert "区级服务是否在运行" in result.err
+    assert files_under(tmp_path / "gate") == []
+
+
 # --- failures before the hub answers ---
 
 
@@ -558,6 +585,7 @@ def test_provision_rejects_tampered_bundle(
     result = run_cli(capsys, "provision", str(bundle), "--config-dir", str(tmp_path / "etc"))
     assert result.code == 1
     assert "bad_signature" in result.err
+    assert "签名校验失败" in result.err
     assert not (tmp_path / "etc").exists()
 
 
