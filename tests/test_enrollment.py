@@ -121,7 +121,12 @@ class District:
 
 
 def make_district(
-    folder: Path, target: Broker, capsys: pytest.CaptureFixture[str], broker_extra: str = ""
+    folder: Path,
+    target: Broker,
+    capsys: pytest.CaptureFixture[str],
+    broker_extra: str = "",
+    *,
+    publish: bool = True,
 ) -> District:
     """Create the district's keys, hub config and store. ``broker_extra`` ends ``[broker]``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,8 +164,9 @@ keepalive_s = 5
     assert (
         run_cli(capsys, "district", "import", "health", "--config", config, str(health)).code == 0
     )
-    published = run_cli(capsys, "district", "publish", "--config", config, "--site", SITE)
-    assert published.code == 0, published.err
+    if publish:
+        published = run_cli(capsys, "district", "publish", "--config", config, "--site", SITE)
+        assert published.code == 0, published.err
     return district
 
 
@@ -445,6 +451,39 @@ def test_provision_over_tls_with_password(
     assert config.sync.password_file.read_text(encoding="utf-8") == PASSWORD
     assert stat.S_IMODE(config.sync.password_file.stat().st_mode) == 0o600
     assert cache_version(config.cache_path) is not None
+
+
+def test_provision_finishes_on_second_run(
+    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    district = make_district(tmp_path / "district", broker, capsys, publish=False)
+    bundle = tmp_path / "bundle.json"
+    config = str(district.config)
+    enroll = ["district", "enroll", "--config", config, "--site", SITE, "--gate", GATE]
+    broker_url = f"mqtt://{broker.host}:{broker.port}"
+    assert run_cli(capsys, *enroll, "--broker", broker_url, "--out", str(bundle)).code == 0
+    gate = ProvisionedGate(tmp_path / "gate")
+    staged = gate.folder / "etc" / "edgenode.toml.provisioning"
+
+    async def scenario() -> tuple[Run, Run]:
+        async with serving(district):
+            first = await provision(capsys, bundle, gate.folder, "--timeout", "3")
+            staged_after_first = staged.exists()
+            published = await asyncio.to_thread(
+                run_cli, capsys, "district", "publish", "--config", config, "--site", SITE
+            )
+            assert published.code == 0, published.err
+            second = await provision(capsys, bundle, gate.folder)
+            assert staged_after_first
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.code == 1
+    assert "设备已注册" in first.err
+    assert second.code == 0, second.err
+    assert gate.config_path.exists()
+    assert not staged.exists()
+    assert cache_version(load_config(gate.config_path).cache_path) is not None
 
 
 def test_hub_rejects_unknown_and_expired_tokens(
