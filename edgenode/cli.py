@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.files import SourceError, iter_file_frames
 from edgenode import district_cli, doctor, guard_cli, sync_cli
@@ -30,6 +30,10 @@ from edgenode.logs import configure_logging
 from edgenode.messages import outcome_word
 from edgenode.pipeline import Gate, VerdictEvent, scan_files, system_clock
 from edgenode.policy import ClockReading, Outcome
+
+if TYPE_CHECKING:
+    from edgenode.screen.server import ScreenServer
+    from sync.connection import Connection
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -301,6 +305,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sync.service import SyncService
 
     listeners: list[Any] = []
+    override_listeners: list[Any] = []
     services: list[Any] = []
     guard = ClockGuard(
         config.device.state_dir / CLOCK_STATE_FILE,
@@ -308,15 +313,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         district_skew_limit_s=config.sync.clock_skew_alarm_s,
     )
     clock = guard.read
+    network: Connection | None = None
+    screen: ScreenServer | None = None
     try:
         if config.sync.enabled:
             sync = SyncService.from_config(config)
             listeners.append(sync.on_verdict)
             services.extend(sync.tasks())
             guard.district_skews = sync.district_skews
+            network = sync.connection
+        if config.screen.enabled:
+            from edgenode.screen.server import ScreenServer
+
+            screen = ScreenServer(config.screen, tr, network=network)
+            listeners.append(screen.on_verdict)
+            override_listeners.append(screen.on_override)
         daemon = Daemon(
-            config, _build_sources(config), listeners=listeners, services=services, clock=clock
+            config,
+            _build_sources(config),
+            listeners=listeners,
+            services=services,
+            clock=clock,
+            override_listeners=override_listeners,
         )
+        if screen is not None:
+            daemon.services.append(screen.service(daemon))
         daemon.open()
         daemon.config_loader = lambda: load_config(_config_path(args))
         if config.sync.enabled:

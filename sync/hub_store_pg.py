@@ -595,6 +595,21 @@ class PostgresStoreReader:
         )
         return [_stored_record(row) for row in rows]
 
+    def admits_of_subjects(
+        self, site: str, subjects: Sequence[str], start: float, end: float
+    ) -> list[StoredRecord]:
+        """Return the site's admits of any of ``subjects`` recorded in ``[start, end]``."""
+        query = (
+            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            "WHERE d.site = %s AND r.community_subject = ANY(%s) AND r.verdict = 'admit' "
+            "AND r.kind = 'verdict' AND r.recorded_at BETWEEN %s AND %s "
+            "ORDER BY r.recorded_at, d.device_id, r.seq"
+        )
+        rows = self._session.run(
+            lambda db: db.execute(query.encode(), (site, list(subjects), start, end)).fetchall()
+        )
+        return [_stored_record(row) for row in rows]
+
     def last_received(self) -> list[tuple[str, str, bool, float, float | None]]:
         """Return (site, device, enabled, registered_at, last received_at or None) per gate."""
         rows = self._session.run(

@@ -37,6 +37,8 @@ VERDICTS = ("admit", "review", "deny", "incomplete", "unrecognised")
 # A deny stored without any reason is counted under this name.
 NO_REASON = "none"
 FC_LIST_TIMEOUT_S = 10.0
+# Subjects per query in ``admits_of_subjects``, well under SQLite's 32,766 parameters.
+MAX_QUERY_SUBJECTS = 500
 
 
 # --- reading the store ---
@@ -125,6 +127,24 @@ class StoreReader:
             (site, community_subject, start, end),
         ).fetchall()
         return [_stored_record(row) for row in rows]
+
+    def admits_of_subjects(
+        self, site: str, subjects: Sequence[str], start: float, end: float
+    ) -> list[StoredRecord]:
+        """Return the site's admits of any of ``subjects`` recorded in ``[start, end]``."""
+        found: list[StoredRecord] = []
+        for first in range(0, len(subjects), MAX_QUERY_SUBJECTS):
+            chunk = list(subjects[first : first + MAX_QUERY_SUBJECTS])
+            marks = ", ".join("?" for _ in chunk)
+            rows = self._db.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+                f"WHERE d.site = ? AND r.community_subject IN ({marks}) "
+                "AND r.verdict = 'admit' AND r.kind = 'verdict' "
+                "AND r.recorded_at BETWEEN ? AND ? ORDER BY r.recorded_at, d.device_id, r.seq",
+                (site, *chunk, start, end),
+            ).fetchall()
+            found += [_stored_record(row) for row in rows]
+        return found
 
     def last_received(self) -> list[tuple[str, str, bool, float, float | None]]:
         """Return (site, device, enabled, registered_at, last received_at or None) per gate."""
