@@ -115,7 +115,7 @@ def test_gate_unit_user_and_groups() -> None:
     groups = " ".join(settings["Service.SupplementaryGroups"]).split()
 
     assert last(settings, "Service.User") == "edgenode"
-    assert sorted(groups) == ["dialout", "gpio", "input", "video"]
+    assert sorted(groups) == ["audio", "dialout", "gpio", "input", "video"]
 
 
 def test_gate_unit_has_state_and_config_directories() -> None:
@@ -146,7 +146,7 @@ def test_gate_unit_allows_devices_by_class_only() -> None:
     classes = {entry.split()[0] for entry in allowed}
 
     assert all(name.startswith("char-") for name in classes)
-    assert {"char-video4linux", "char-input", "char-ttyUSB", "char-ttyACM"} <= classes
+    assert {"char-video4linux", "char-input", "char-ttyUSB", "char-ttyACM", "char-alsa"} <= classes
 
 
 # --- the hub's unit ---
