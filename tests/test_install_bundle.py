@@ -82,10 +82,10 @@ def new_root(folder: Path) -> Path:
     return folder
 
 
-def run_install(bundle: Path, root: Path) -> subprocess.CompletedProcess[str]:
+def run_install(bundle: Path, root: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """Run the bundle's ./install on ``root`` in a new network namespace: no network at all."""
     return subprocess.run(
-        ["unshare", "--net", str(bundle / "install"), "--root", str(root)],
+        ["unshare", "--net", str(bundle / "install"), "--root", str(root), *options],
         capture_output=True,
         text=True,
         timeout=INSTALL_TIMEOUT_S,
@@ -194,7 +194,7 @@ def test_install_creates_system_user(installed: Installed) -> None:
     assert entry[6] == "/usr/sbin/nologin"
 
 
-@pytest.mark.parametrize("group", ["video", "input", "dialout", "gpio"])
+@pytest.mark.parametrize("group", ["video", "input", "dialout", "gpio", "audio"])
 def test_install_adds_user_to_device_group(installed: Installed, group: str) -> None:
     assert "edgenode" in group_members(installed.root, group)
 
@@ -305,3 +305,22 @@ def test_bundle_for_other_platform_is_rejected(built: Built, tmp_path: Path) -> 
     assert result.returncode == 1
     assert "this bundle is for" in result.stderr
     assert not (root / "opt").exists()
+
+
+# --- the district hub ---
+
+
+def test_hub_install_sets_up_the_hub_only(built: Built, tmp_path: Path) -> None:
+    root = new_root(tmp_path / "root")
+
+    result = run_install(built.bundle, root, "--hub")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    uid = int(passwd_entry(root, "edgenode-district")[2])
+    assert (root / "var/lib/edgenode-district").stat().st_uid == uid
+    assert (root / "etc/edgenode-district").stat().st_uid == uid
+    wants = root / "etc/systemd/system/multi-user.target.wants/edgenode-district.service"
+    assert os.readlink(wants) == "/etc/systemd/system/edgenode-district.service"
+    assert not (root / "etc/systemd/system/edgenode.service").exists()
+    assert not (root / "etc/udev/rules.d/70-edgenode.rules").exists()
+    assert "edgenode" not in [line.split(":")[0] for line in (root / "etc/passwd").open()]
