@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drivers.files import SourceError, iter_file_frames
-from edgenode import district_cli, doctor, guard_cli, sync_cli
+from edgenode import decommission, district_cli, doctor, guard_cli, sync_cli
 from edgenode.cache import Cache, CacheImportError, import_snapshot
 from edgenode.cli_output import format_verdict_line, verdict_json
 from edgenode.clock import CLOCK_STATE_FILE, NTP_SOURCES, ClockGuard
@@ -546,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync_cli.add_commands(commands)
     guard_cli.add_commands(commands)
     doctor.add_commands(commands)
+    decommission.add_commands(commands)
     return parser
 
 

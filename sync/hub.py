@@ -241,6 +241,8 @@ class Hub:
             await self._on_batch(device, uplink, body)
         elif kind == "alarm":
             _log_gate_alarm(uplink, body)
+        elif kind == "decommission":
+            await self._on_decommission(uplink)
         elif kind == "request" and self.publisher is not None:
             self._serve_request(self.publisher, uplink, body)
         else:
@@ -373,6 +375,31 @@ class Hub:
             self.clock(),
         )
         self._queue_check(_Check(None, "", [], [], None, (alarm,)))
+
+    async def _on_decommission(self, uplink: _Uplink) -> None:
+        """Disable a retiring gate in the registry, then send it a signed confirmation.
+
+        The request passed the signature check with the gate's own key, so only the gate can
+        retire itself. Its stored records stay. A later request from it is rejected as
+        device_disabled, so a gate that missed the confirmation is wiped with --force.
+        """
+        try:
+            await self._in_store(self._require_store().disable_device, uplink.site, uplink.device)
+        except Exception as exc:  # sqlite3.Error, psycopg.Error: the gate asks again.
+            log.error("decommission_failed", error=repr(exc), **_ids(uplink))
+            return
+        log.warning("device_decommissioned", **_ids(uplink))
+        body = {
+            "type": "decommissioned",
+            "site": uplink.site,
+            "device": uplink.device,
+            "district_time": self.clock(),
+        }
+        payload = encode_message(body, self._district_key)
+        try:
+            await self.connection.publish(Topics(uplink.site, uplink.device).acks, payload)
+        except NotConnected as exc:
+            log.warning("decommission_confirmation_not_sent", error=str(exc), **_ids(uplink))
 
     def _reject(self, exc: _Rejected, uplink: _Uplink, *, batch_id: str | None) -> None:
         self.rejected[exc.reason] += 1
