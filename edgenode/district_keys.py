@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,11 @@ def rotate_issuer_key(folder: Path, role: str, *, overlap_s: int, now: int) -> R
     entries = load_keyring(folder)
     current = [entry for entry in entries if entry.role == role and entry.valid_until >= now]
     if len(current) != 1:
-        ends = ", ".join(str(entry.valid_until) for entry in current if entry.valid_until < NO_END)
+        ends = ", ".join(
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry.valid_until))
+            for entry in current
+            if entry.valid_until < NO_END
+        )
         raise KeyringError(
             f"the {role} issuer has {len(current)} keys in use (overlap ends at {ends or '-'}): "
             "rotate again after the overlap ends"
