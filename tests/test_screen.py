@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -541,7 +542,10 @@ def test_run_command_serves_screen(site: Site) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        messages = asyncio.run(read_until_verdict(port, master, site))
+        # Playwright's sync API keeps an event loop in this thread, so asyncio.run needs another.
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            reading = worker.submit(asyncio.run, read_until_verdict(port, master, site))
+            messages = reading.result(timeout=2 * EXPECT_TIMEOUT_MS / 1000)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=EXPECT_TIMEOUT_MS / 1000)
