@@ -129,7 +129,23 @@ def battery_clock_synchronised() -> bool:
     return True
 
 
+def first_known(*sources: NtpStatus) -> NtpStatus:
+    """Combine NTP sources: the first one that can read the state decides."""
+
+    def status() -> bool | None:
+        for source in sources:
+            synchronised = source()
+            if synchronised is not None:
+                return synchronised
+        return None
+
+    return status
+
+
 NTP_SOURCES: dict[str, NtpStatus] = {
+    # systemd's ProtectClock= (set in systemd/edgenode.service) makes adjtimex(2) fail with
+    # EPERM even for reading, so there the state comes from timedatectl.
+    "auto": first_known(kernel_ntp_synchronised, timedatectl_ntp_synchronised),
     "kernel": kernel_ntp_synchronised,
     "timedatectl": timedatectl_ntp_synchronised,
     "rtc": battery_clock_synchronised,

@@ -287,11 +287,12 @@ class SyncConfig(_Strict):
 
 
 class ClockConfig(_Strict):
-    ntp_source: Literal["kernel", "timedatectl", "rtc"] = Field(
-        default="kernel",
+    ntp_source: Literal["auto", "kernel", "timedatectl", "rtc"] = Field(
+        default="auto",
         description="What vouches for the system clock: 'kernel' reads the kernel's NTP state "
-        "(adjtimex), 'timedatectl' asks systemd-timesyncd, 'rtc' trusts a battery-backed "
-        "clock fitted by the installer. The district's time in sync messages vouches as well.",
+        "(adjtimex), 'timedatectl' asks systemd-timesyncd, 'auto' tries 'kernel' and then "
+        "'timedatectl', 'rtc' trusts a battery-backed clock fitted by the installer. The "
+        "district's time in sync messages vouches as well.",
     )
 
 

@@ -13,6 +13,7 @@ from edgenode.clock import (
     BACKWARD_TOLERANCE_S,
     NTP_CHECK_INTERVAL_S,
     ClockGuard,
+    first_known,
     kernel_ntp_synchronised,
 )
 from edgenode.decoders import create_decoder
@@ -186,3 +187,15 @@ def test_gate_reviews_pair_while_clock_untrusted(
     clock_reasons = [r for r in events[0].verdict.reasons if r == Reason.CLOCK_UNTRUSTED]
     assert clock_reasons == expected_reasons
     assert events[0].record.clock_trusted is ntp_synchronised
+
+
+def test_auto_source_falls_back_when_kernel_unreadable() -> None:
+    status = first_known(FakeNtp(None), FakeNtp(True))
+    assert status() is True
+
+
+def test_auto_source_prefers_first_known_answer() -> None:
+    later = FakeNtp(True)
+    status = first_known(FakeNtp(False), later)
+    assert status() is False
+    assert later.calls == 0
