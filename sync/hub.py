@@ -165,6 +165,12 @@ class Hub:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-store")
         self._store: HubStoreBackend | None = None
+        # Registry lookups use a second connection on their own thread, so the next message's
+        # lookup does not wait behind a commit and its fsync.
+        self._registry_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="hub-registry"
+        )
+        self._registry: HubStoreBackend | None = None
         self.alarm_checker = alarm_checker
         self.publisher = publisher
         self.silent_check_interval_s = silent_check_interval_s
@@ -186,6 +192,10 @@ class Hub:
     async def run(self) -> None:
         """Open the store and ingest until cancelled."""
         self._store = await self._in_store(open_store, self.store_path)
+        loop = asyncio.get_running_loop()
+        self._registry = await loop.run_in_executor(
+            self._registry_executor, open_store, self.store_path
+        )
         log.info("hub_started", hub_id=self.hub_id, store=str(self.store_path))
         workers = [asyncio.create_task(self._run_commits(), name="hub-commits")]
         if self.alarm_checker is not None:
@@ -203,6 +213,10 @@ class Hub:
             self._store = None
             await asyncio.get_running_loop().run_in_executor(self._executor, store.close)
             self._executor.shutdown(wait=False)
+            registry, self._registry = self._registry, None
+            if registry is not None:
+                await loop.run_in_executor(self._registry_executor, registry.close)
+            self._registry_executor.shutdown(wait=False)
             self._alarm_executor.shutdown(wait=False)
             log.info("hub_stopped", hub_id=self.hub_id)
 
@@ -221,9 +235,7 @@ class Hub:
         try:
             if not isinstance(payload, bytes):
                 raise _Rejected("bad_body")
-            device = await self._in_store(
-                self._require_store().get_device, uplink.site, uplink.device
-            )
+            device = await self._lookup_device(uplink.site, uplink.device)
             if device is None:
                 raise _Rejected("unknown_device", ALARM_UNKNOWN_DEVICE)
             if not device.enabled:
@@ -489,6 +501,16 @@ class Hub:
         if self._store is None:
             raise RuntimeError("Hub.run() is not running")
         return self._store
+
+    async def _lookup_device(self, site: str, device_id: str) -> Device | None:
+        """Read a gate from the registry. Raises StoreUnavailable if the store is gone."""
+        registry = self._registry
+        if registry is None:
+            raise RuntimeError("Hub.run() is not running")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._registry_executor, registry.get_device, site, device_id
+        )
 
     async def _in_store(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
