@@ -205,6 +205,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         try:
             asyncio.run(_serve(hub))
+        except StoreUnavailable as exc:
+            # Only at start: once running, the hub logs each batch it cannot store.
+            raise DistrictError(str(exc)) from exc
         finally:
             hub.alarm_checker.close()
     return 0

@@ -6,23 +6,29 @@ a PostgreSQL database on the server that tests/postgres.py starts.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import json
 import signal
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import pytest
 from nacl.signing import SigningKey
 from structlog.testing import capture_logs
 
 from edgenode.config import SyncConfig
+from edgenode.district_cli import DistrictError
+from edgenode.feeds_cli import add_commands as add_feeds_commands
+from edgenode.i18n import translator
 from sync.alarms import AlarmChecker
 from sync.hub import Hub
 from sync.hub_store_pg import PostgresHubStore
 from sync.report import REPORT_TIMEZONE, hourly_report
 from sync.store_backend import PostgresUrl
-from tests.broker import Broker, broker
+from tests.broker import Broker, broker, free_port
 from tests.postgres import postgres_server, postgres_url
 from tests.test_hub import (
     TestGate,
@@ -34,6 +40,8 @@ from tests.test_hub import (
     wait_connected,
     wait_until,
 )
+from tests.test_hub import run_cli as run_hub_cli
+from tests.test_report import run_cli as run_report_cli
 
 __all__ = ["broker", "postgres_server", "postgres_url"]
 
@@ -198,3 +206,54 @@ def test_report_and_alarms_read_postgres(broker: Broker, postgres_url: str, tmp_
     finally:
         checker.close()
     assert "red_code" in {str(alarm.kind) for alarm in alarms}
+
+
+# --- the command line ---
+
+
+def test_cli_commands_on_postgres(
+    broker: Broker, postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_hub_config(tmp_path, broker, SigningKey.generate(), "cli", postgres_url)
+    public_key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode("ascii")
+    common = ["--config", str(config), "--site", "S1", "--device", "gate-01"]
+    assert run_hub_cli(["devices", "add", *common, "--public-key", public_key]) == 0
+    assert run_hub_cli(["devices", "disable", *common]) == 0
+    capsys.readouterr()
+    assert run_hub_cli(["devices", "list", "--config", str(config), "--json"]) == 0
+    output = capsys.readouterr().out  # Logs go to stdout too, as logging is not configured.
+    listed = json.loads(output[output.index("{") :])["devices"]
+    assert [(row["device"], row["enabled"]) for row in listed] == [("gate-01", False)]
+
+    assert run_report_cli(["report", "--config", str(config), "--json"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("{")] == []  # No verdicts stored yet.
+    assert run_report_cli(["alarms", "--config", str(config), "--json"]) == 0
+
+    feed = tmp_path / "roster.csv"
+    feed.write_text("site,subject\n", encoding="utf-8")
+    with pytest.raises(DistrictError, match="needs a SQLite store file"):
+        run_feeds_cli(["import", "roster", "--config", str(config), str(feed)])
+
+
+def test_serve_reports_unreachable_postgres(broker: Broker, tmp_path: Path) -> None:
+    url = f"postgresql://hub:secret-password@127.0.0.1:{free_port()}/edgenode"
+    config = write_hub_config(tmp_path, broker, SigningKey.generate(), "down", url)
+    process = start_serve(config)
+    try:
+        process.wait(timeout=60)
+    finally:
+        stop_all([process])
+    output = config.with_suffix(".log").read_text(encoding="utf-8", errors="replace")
+    assert process.returncode == 1, output
+    assert "cannot connect to the PostgreSQL store" in output
+    assert "secret-password" not in output
+
+
+def run_feeds_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_feeds_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.tr = translator("en")
+    result: int = args.handler(args)
+    return result
