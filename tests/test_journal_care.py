@@ -4,11 +4,15 @@ corrupt files, all on real SQLite files."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from edgenode.cache import Cache
 from edgenode.cli import main
+from edgenode.decoders import create_decoder
 from edgenode.journal import (
     _MIGRATIONS,
     GENESIS_HASH,
@@ -17,8 +21,10 @@ from edgenode.journal import (
     JournalError,
     VerdictEntry,
 )
+from edgenode.pipeline import Gate, system_clock
 from edgenode.policy import Outcome, Verdict
 from edgenode.reasons import Reason
+from tests.scenarios import DirectMinter, Scenario, Site, build_cache, site_config
 
 VERDICT = Verdict(
     outcome=Outcome.DENY,
@@ -164,6 +170,25 @@ def test_verdicts_decided_together_share_one_commit(tmp_path: Path) -> None:
         chain = journal.verify()
     assert statements.count("COMMIT") == 1
     assert chain == []
+
+
+def test_frame_without_code_never_writes(tmp_path: Path) -> None:
+    site = Site.create(tmp_path, int(time.time()), DirectMinter())
+    config = site_config(site)
+    build_cache(site, Scenario([]), config)
+    blank = np.full((480, 640), 255, dtype=np.uint8)
+    with (
+        Cache(config.cache_path) as cache,
+        Journal(config.journal_path, config.device.id) as journal,
+    ):
+        gate = Gate(config, cache, journal, create_decoder("zxing"), clock=system_clock)
+        statements: list[str] = []
+        journal._conn.set_trace_callback(statements.append)
+        events = gate.process_frame(blank, station="north", at=0.0)
+        events += gate.tick(1.0)
+        journal._conn.set_trace_callback(None)
+    assert events == []
+    assert [s for s in statements if s.startswith(("BEGIN", "INSERT", "COMMIT"))] == []
 
 
 # --- migrations ---
