@@ -138,7 +138,7 @@ class JournalError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ChainAnchor:
-    """Where the stored chain starts: the seq and hash of the last purged record."""
+    """The start of the stored chain: the seq and hash of the last purged record."""
 
     seq: int
     hash: bytes
