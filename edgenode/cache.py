@@ -339,6 +339,10 @@ def _upgrade_schema(conn: sqlite3.Connection) -> None:
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+    if version < 2:
+        # Residents that the delta does not touch keep a NULL hash, and a check by ID number
+        # would wrongly find them missing, so such checks wait for the next full snapshot.
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('id_hashes', 'partial')")
 
 
 def _apply_change(
@@ -488,6 +492,7 @@ class Cache:
         self._inode: int | None = None
         self._datasets: tuple[DatasetInfo, ...] = ()
         self._schema_version = 0
+        self._id_hashes_partial = False
 
     def _connection(self) -> sqlite3.Connection | None:
         try:
@@ -508,6 +513,8 @@ class Cache:
             )
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             self._schema_version = 1 if row is None else int(row[0])
+            partial = conn.execute("SELECT 1 FROM meta WHERE key = 'id_hashes'").fetchone()
+            self._id_hashes_partial = partial is not None
         return self._conn
 
     def refresh(self) -> None:
@@ -557,12 +564,16 @@ class Cache:
         return None if row is None else bytes(row[0])
 
     def has_id_hashes(self) -> bool:
-        """Return whether the cache's schema has ID-number hashes (version 2 and later)."""
-        return self._conn is not None and self._schema_version >= 2
+        """Return whether every roster entry carries its ID-number hash, if it has one.
+
+        False for a version-1 cache, and for one that a delta upgraded to version 2, until
+        a full snapshot replaces it.
+        """
+        return self._conn is not None and self._schema_version >= 2 and not self._id_hashes_partial
 
     def resident_by_id_hash(self, id_hash: bytes) -> Resident | None:
         """Return the roster entry with this ID-number hash, the longest valid if several."""
-        if not self.has_id_hashes():
+        if self._conn is None or self._schema_version < 2:
             return None
         row = self._one(
             "SELECT subject, compound, building, unit, role, valid_from, valid_until, "

@@ -215,6 +215,22 @@ def downgrade_to_version_1(cache_path: Path) -> None:
         db.commit()
 
 
+def test_snapshot_after_upgrade_enables_checks(site: Site) -> None:
+    config = site_config(site)
+    import_records(site, config, site.base_records())
+    downgrade_to_version_1(config.cache_path)
+    target = DeltaTarget(SITE, 1, 2, site.now, site.now + 7 * DAY, ("revocations",))
+    apply_changes(config.cache_path, target, [], now=site.now)
+    snapshot = write_site_snapshot(site, roster_with_id_hashes(site), version=3)
+
+    import_snapshot(
+        config.cache_path, snapshot, config.trust.district_key_bytes(), site=SITE, now=site.now
+    )
+
+    with Cache(config.cache_path) as cache:
+        assert cache.has_id_hashes() is True
+
+
 def test_version_1_cache_has_no_id_hashes(site: Site) -> None:
     config = site_config(site)
     import_records(site, config, site.base_records())
@@ -243,11 +259,14 @@ def test_delta_upgrades_version_1_cache(site: Site) -> None:
 
     with Cache(config.cache_path) as cache:
         resident = cache.resident_by_id_hash(bytes.fromhex(id_hash_hex("alice")))
+        complete = cache.has_id_hashes()
     with closing(sqlite3.connect(config.cache_path)) as db:
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert resident is not None
     assert resident.subject == PEOPLE["alice"].subject
     assert version == (str(SCHEMA_VERSION),)
+    # Residents outside the delta have no hash yet, so checks wait for a full snapshot.
+    assert complete is False
 
 
 # --- the rows of docs/policy.md ---
