@@ -37,7 +37,7 @@ class Outcome(StrEnum):
     UNRECOGNISED = "unrecognised"
 
 
-# How the person was identified: by a pair of scanned codes, or by an ID number that the guard
+# Identification method of a verdict: a pair of scanned codes, or an ID number that the guard
 # typed for a resident without a phone. Reports tell the two apart by this marker.
 VerdictMethod = Literal["codes", "id_number"]
 

@@ -1,8 +1,8 @@
 """An ID number travels from a roster file to a gate check without being stored or logged.
 
-One flow seeds a number: the district imports it through `edgenode district import roster`,
-publishes the site's records in a signed snapshot, the gate imports that snapshot, the daemon
-checks the number (and a mistyped copy of it), and the hub stores the journal records that the
+One flow seeds a number. The district imports it through `edgenode district import roster` and
+publishes the site's records in a signed snapshot. The gate imports that snapshot, and the
+daemon checks the number and a mistyped copy of it. The hub stores the journal records that the
 uplink would send. Then every file the flow wrote and everything it logged or printed is
 searched for the number's first 17 digits, which the mistyped copy shares.
 """
