@@ -244,6 +244,7 @@ def _cmd_journal_verify(args: argparse.Namespace) -> int:
     with Journal(config.journal_path, config.device.id) as journal:
         problems = journal.verify()
         count = journal.count()
+        anchor = journal.anchor()
     if problems:
         for problem in problems:
             print(
@@ -254,6 +255,11 @@ def _cmd_journal_verify(args: argparse.Namespace) -> int:
         print(tr.gettext("The journal chain is broken: {n} problems.").format(n=len(problems)))
         return EXIT_FAILED
     print(tr.gettext("The journal chain is intact: {n} records.").format(n=count))
+    if anchor.purged_records:
+        purged = tr.gettext(
+            "{n} older records, up to seq {seq}, were purged after the retention period."
+        )
+        print(purged.format(n=anchor.purged_records, seq=anchor.seq))
     return EXIT_OK
 
 

@@ -148,8 +148,10 @@ def test_verify_command_passes_after_purge(
     config = tmp_path / "edgenode.toml"
     config.write_text(f'[device]\nid = "gate-01"\nsite = "S"\nstate_dir = "{state}"\n')
     exit_code = main(["--lang", "en", "journal", "verify", "--config", str(config)])
+    output = capsys.readouterr().out
     assert exit_code == 0
-    assert "intact" in capsys.readouterr().out
+    assert "intact: 1 records" in output
+    assert "1 older records, up to seq 1, were purged" in output
 
 
 # --- the write-ahead log and grouped commits ---
