@@ -193,7 +193,11 @@ def open_source_capture(config: CameraSourceConfig | VideoSourceConfig) -> Any:
 def check_camera(
     config: CameraSourceConfig | VideoSourceConfig, open_capture: OpenCapture | None = None
 ) -> Finding:
-    """Open the camera and read frames until one arrives, as the daemon's grabber would."""
+    """Open the camera and read frames until one arrives, as the daemon's grabber would.
+
+    NOTE: a V4L2 camera streams to one process at a time, so while `edgenode run` holds it
+    this check can fail. Not yet tried on a real camera.
+    """
     opener = open_capture or open_source_capture
     fix = N_("Check the cable and the device path with 'edgenode devices'.")
     try:
