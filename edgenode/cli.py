@@ -307,6 +307,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     if not config.sources:
         raise CommandError(tr.gettext("No [[sources]] in the config: nothing to read."), EXIT_USAGE)
+    from edgenode.upkeep import set_aside_corrupt_cache
     from sync.identity import DeviceKeyError
     from sync.service import SyncService
 
@@ -322,6 +323,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     network: Connection | None = None
     screen: ScreenServer | None = None
     try:
+        # Before the downlink reads the cache's version, which fails on a corrupt file.
+        cache_alarms = set_aside_corrupt_cache(config)
         if config.sync.enabled:
             sync = SyncService.from_config(config)
             listeners.append(sync.on_verdict)
@@ -347,7 +350,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon.open()
         daemon.config_loader = lambda: load_config(_config_path(args))
         if config.sync.enabled:
-            for alarm in daemon.startup_alarms:
+            for alarm in [*cache_alarms, *daemon.startup_alarms]:
                 sync.uplink.raise_alarm(alarm.as_alarm())
         if config.sync.enabled:
             daemon.metrics.set_broker_state(lambda: sync.connection.state.value)

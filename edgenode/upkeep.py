@@ -41,13 +41,12 @@ class StorageAlarm:
         return {"alarm": ALARM_FILE_CORRUPT, "file": self.file, "moved_to": self.moved_to.name}
 
 
-def open_storage(config: Config) -> tuple[Cache, Journal, list[StorageAlarm]]:
-    """Open the cache and the journal, moving aside either file if SQLite finds it corrupt.
+def set_aside_corrupt_cache(config: Config) -> list[StorageAlarm]:
+    """Move the cache file aside if SQLite finds it corrupt; return the alarm, if any.
 
-    The gate then runs on a fresh journal, and on an empty cache until the district sends a
-    snapshot (an empty cache never admits). Other SQLite errors propagate.
+    Other SQLite errors propagate. The gate then has no cache, so it admits nobody until the
+    district sends a snapshot.
     """
-    alarms: list[StorageAlarm] = []
     cache = Cache(config.cache_path)
     try:
         cache.refresh()
@@ -63,7 +62,21 @@ def open_storage(config: Config) -> tuple[Cache, Journal, list[StorageAlarm]]:
             error=str(exc),
             device=config.device.id,
         )
-        alarms.append(StorageAlarm("cache", config.cache_path, moved_to))
+        return [StorageAlarm("cache", config.cache_path, moved_to)]
+    finally:
+        cache.close()
+    return []
+
+
+def open_storage(config: Config) -> tuple[Cache, Journal, list[StorageAlarm]]:
+    """Open the cache and the journal, moving aside either file if SQLite finds it corrupt.
+
+    The gate then runs on a fresh journal, and on an empty cache until the district sends a
+    snapshot (an empty cache never admits). Other SQLite errors propagate.
+    """
+    alarms = set_aside_corrupt_cache(config)
+    cache = Cache(config.cache_path)
+    cache.refresh()
     journal = Journal(config.journal_path, config.device.id, recover_corrupt=True)
     if journal.moved_aside is not None:
         alarms.append(StorageAlarm("journal", config.journal_path, journal.moved_aside))

@@ -6,12 +6,14 @@ its listener, its background tasks and the district's view of the clock.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from edgenode.cache import cache_version
 from edgenode.config import Config
 from edgenode.pipeline import VerdictEvent
-from sync.connection import Connection
+from sync.connection import Connection, ConnectionState
 from sync.downlink import Downlink
 from sync.identity import ensure_device_key
 from sync.uplink import Uplink
@@ -23,6 +25,7 @@ class SyncService:
     connection: Connection
     uplink: Uplink
     downlink: Downlink
+    _requests: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, config: Config) -> SyncService:
@@ -44,7 +47,21 @@ class SyncService:
             signing_key=device_key,
             clock_skew_alarm_s=config.sync.clock_skew_alarm_s,
         )
-        return cls(config, connection, uplink, downlink)
+        service = cls(config, connection, uplink, downlink)
+        connection.add_state_listener(service._on_connection_state)
+        return service
+
+    def _on_connection_state(self, state: ConnectionState) -> None:
+        # A gate without data (a new one, or one whose corrupt cache was moved aside) asks
+        # for a snapshot at each connect until it has one. The downlink limits the repeats.
+        if (
+            state is not ConnectionState.CONNECTED
+            or cache_version(self.config.cache_path) is not None
+        ):
+            return
+        task = asyncio.get_running_loop().create_task(self.downlink.request_snapshot())
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     def on_verdict(self, event: VerdictEvent) -> None:
         self.uplink.on_verdict(event)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from edgenode.config import load_config
@@ -28,6 +29,7 @@ from edgenode.journal import Journal
 from edgenode.policy import Outcome, Verdict
 from edgenode.reasons import Reason
 from sync.identity import ensure_device_key
+from sync.protocol import Topics, decode_message, trusted
 from tests.broker import Broker, IngestPeer, broker  # noqa: F401
 from tests.scenarios import SITE, DirectMinter, Scenario, Site, build_cache, site_config
 from tests.test_run_command import DEADLINE_S, journal_verdicts, wait_for, write_config
@@ -244,18 +246,25 @@ def write_sync_config(site: Site, serial_path: str, target: Broker) -> Path:
     return config
 
 
-def test_corrupt_journal_alarm_reaches_district(
+@pytest.mark.parametrize("damaged", ["journal", "cache"])
+def test_corrupt_file_alarm_reaches_district(
     site: Site,
     pty_pair: tuple[int, str],
     tmp_path: Path,
     broker: Broker,  # noqa: F811
+    damaged: str,
 ) -> None:
     master, serial_path = pty_pair
     config_path = write_sync_config(site, serial_path, broker)
     config = load_config(config_path)
     device_key = ensure_device_key(config.device_key_path)
     Journal(config.journal_path, config.device.id).close()
-    corrupt_header(config.journal_path)
+    corrupt_header(config.device.state_dir / f"{damaged}.db")
+    requests: list[dict[str, Any]] = []
+
+    async def on_request(message: aiomqtt.Message) -> None:
+        assert isinstance(message.payload, bytes)
+        requests.append(decode_message(message.payload, trusted(bytes(device_key.verify_key))))
 
     async def scenario() -> IngestPeer:
         peer = IngestPeer(
@@ -265,6 +274,7 @@ def test_corrupt_journal_alarm_reaches_district(
             device_public_key=bytes(device_key.verify_key),
             district_key=read_key(site.keys["district"]),
         )
+        peer.connection.subscribe(Topics(SITE, config.device.id).requests, on_request)
         peer_task = asyncio.create_task(peer.connection.run())
         gate = await asyncio.to_thread(
             start_gate, site, config_path, master, tmp_path / "daemon.log"
@@ -272,6 +282,8 @@ def test_corrupt_journal_alarm_reaches_district(
         try:
             deadline = time.monotonic() + DEADLINE_S
             while not peer.alarms and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            while damaged == "cache" and not requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         finally:
             await asyncio.to_thread(stop, gate)
@@ -282,8 +294,11 @@ def test_corrupt_journal_alarm_reaches_district(
     peer = asyncio.run(scenario())
     alarm = peer.alarms[0] if peer.alarms else {}
     assert alarm.get("alarm") == "file_corrupt"
-    assert alarm.get("file") == "journal"
-    assert str(alarm.get("moved_to", "")).startswith("journal.db.corrupt-")
+    assert alarm.get("file") == damaged
+    assert str(alarm.get("moved_to", "")).startswith(f"{damaged}.db.corrupt-")
+    if damaged == "cache":
+        # With no data left, the gate asks the district for a full snapshot.
+        assert [request.get("what") for request in requests] == ["snapshot"]
 
 
 # --- retention ---
