@@ -133,6 +133,7 @@ class GuardStore:
         tmp_path.unlink(missing_ok=True)
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            _give_to_folder_owner(fd, self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump({"version": _FILE_VERSION, "guards": entries}, out, indent=1)
                 out.flush()
@@ -141,3 +142,16 @@ class GuardStore:
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
+
+
+def _give_to_folder_owner(fd: int, folder: Path) -> None:
+    """Make root's new file belong to the state folder's owner, so the daemon can read it.
+
+    An installer runs ``edgenode guard add`` as root, while the daemon runs as the ``edgenode``
+    user that owns the state folder (systemd's StateDirectory=).
+    """
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(folder)
+    if owner.st_uid != 0:
+        os.fchown(fd, owner.st_uid, owner.st_gid)

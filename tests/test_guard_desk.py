@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -113,6 +114,17 @@ def desk(guards: GuardStore, journal: Journal) -> Desk:
 
 def test_guards_file_is_owner_only(guards: GuardStore) -> None:
     assert guards.path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_guards_file_written_by_root_belongs_to_state_owner(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4321, 4321)
+
+    GuardStore(state / "guards.json").add("G01", PIN)
+
+    assert (state / "guards.json").stat().st_uid == 4321
 
 
 def test_guards_file_holds_no_plain_pin(guards: GuardStore) -> None:
