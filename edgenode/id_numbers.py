@@ -38,8 +38,11 @@ class IdNumberError(ValueError):
         super().__init__(message)
 
 
-class IdLookupKeyError(Exception):
-    """An ID lookup key file that is missing, unreadable or not 32 base64-encoded bytes."""
+class IdLookupKeyError(ValueError):
+    """An ID lookup key file that is missing, unreadable or not 32 base64-encoded bytes.
+
+    A ValueError, so that ``edgenode run`` reports it as a start-up failure.
+    """
 
     def __init__(self, path: Path, message: str) -> None:
         self.path = path

@@ -194,6 +194,21 @@ def test_guard_cli_adds_lists_and_removes(tmp_path: Path) -> None:
     assert GuardStore(tmp_path / "state" / "guards.json").guards() == []
 
 
+def test_run_fails_to_start_without_the_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    with config.open("a", encoding="utf-8") as out:
+        out.write('\n[guard]\nid_lookup_key_file = "missing.key"\n')
+        # A source, so the run gets as far as opening the daemon; the device is never read.
+        out.write('\n[[sources]]\ntype = "serial"\nname = "scanner"\ndevice = "/dev/null"\n')
+
+    code = main(["--lang", "en", "run", "--config", str(config)])
+
+    assert code == 3
+    assert "ID lookup key file not found" in capsys.readouterr().err
+
+
 def test_guard_cli_rejects_short_pin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(write_config(tmp_path))
 
