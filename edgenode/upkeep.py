@@ -44,8 +44,8 @@ class StorageAlarm:
 def set_aside_corrupt_cache(config: Config) -> list[StorageAlarm]:
     """Move the cache file aside if SQLite finds it corrupt; return the alarm, if any.
 
-    Other SQLite errors propagate. The gate then has no cache, so it admits nobody until the
-    district sends a snapshot.
+    Other SQLite errors propagate. The gate then has no cache, so no verdict is admit until a
+    snapshot arrives.
     """
     cache = Cache(config.cache_path)
     try:

@@ -52,8 +52,8 @@ class SyncService:
         return service
 
     def _on_connection_state(self, state: ConnectionState) -> None:
-        # A gate without data (a new one, or one whose corrupt cache was moved aside) asks
-        # for a snapshot at each connect until it has one. The downlink limits the repeats.
+        # A gate without data (a new one, or one whose corrupt cache was moved aside) requests
+        # a snapshot at each connect until it has one. The downlink limits the repeats.
         if (
             state is not ConnectionState.CONNECTED
             or cache_version(self.config.cache_path) is not None

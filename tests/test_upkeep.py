@@ -297,7 +297,7 @@ def test_corrupt_file_alarm_reaches_district(
     assert alarm.get("file") == damaged
     assert str(alarm.get("moved_to", "")).startswith(f"{damaged}.db.corrupt-")
     if damaged == "cache":
-        # With no data left, the gate asks the district for a full snapshot.
+        # With no data left, the gate requests a full snapshot from the district.
         assert [request.get("what") for request in requests] == ["snapshot"]
 
 
