@@ -86,7 +86,7 @@ _SIGNATURE_REASONS = frozenset({"unknown_signer", "bad_signature"})
 # batch's checks are skipped and logged, and the periodic sweep still covers silent gates.
 MAX_PENDING_CHECKS = 1024
 # Batches queued for the committer. When it is full, the MQTT dispatch waits, and the broker
-# holds the messages that follow.
+# keeps the messages that follow.
 MAX_PENDING_COMMITS = 256
 # Batches stored in one transaction at most, which bounds a transaction to 64 x 10,000
 # records at the largest batch size that gates may send (``batch_max_records``).
