@@ -274,6 +274,29 @@ def test_store_rejects_enrollment_token(
 # --- PostgreSQL only ---
 
 
+def test_postgres_hubs_starting_together_migrate_once(postgres_url: str) -> None:
+    versions: list[int] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with PostgresHubStore(postgres_url) as store:
+                versions.append(store.schema_version())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert versions == [len(POSTGRES_MIGRATIONS)] * 4
+    with psycopg.connect(postgres_url) as db:
+        rows = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [row[0] for row in rows] == list(range(1, len(POSTGRES_MIGRATIONS) + 1))
+
+
 def test_postgres_connection_loss_raises_store_unavailable(postgres_url: str) -> None:
     with PostgresHubStore(postgres_url) as store:
         device = store.register_device("S1", "gate-01", KEY)
