@@ -1,4 +1,4 @@
-"""The district hub's ingest: gate batches from MQTT into the hub's SQLite store, then acks.
+"""The district hub's ingest: gate batches from MQTT into the hub store, then acks.
 
 Every hub process joins the shared subscription ``$share/edgenode-hub/edgenode/v1/+/+/up/#``,
 so the broker gives each uplink message to one of them. For each batch the hub
