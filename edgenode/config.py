@@ -306,19 +306,6 @@ class JournalConfig(_Strict):
     )
 
 
-class MetricsConfig(_Strict):
-    enabled: bool = Field(
-        default=False, description="Serve Prometheus metrics over HTTP while `edgenode run` runs."
-    )
-    host: str = Field(
-        default="127.0.0.1",
-        description="Address the metrics endpoint listens on; loopback keeps it on this machine.",
-    )
-    port: Annotated[int, Field(ge=1, le=65_535)] = Field(
-        default=9464, description="TCP port of the metrics endpoint (/metrics)."
-    )
-
-
 class ScreenConfig(_Strict):
     enabled: bool = Field(
         default=False, description="Serve the guard's screen while `edgenode run` runs."
@@ -359,6 +346,62 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class VoiceConfig(_Strict):
+    enabled: bool = Field(default=True, description="Speak a short prompt for every verdict.")
+    volume_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=80, description="Prompt volume, in percent of the recorded level."
+    )
+    device: str = Field(
+        default="",
+        description="ALSA output device, as `aplay -L` lists it; empty for the default device.",
+    )
+
+
+# BCM (Broadcom) GPIO numbers of the 40-pin header, the numbering gpiozero uses for integers.
+GpioPin = Annotated[int, Field(ge=0, le=27)]
+
+
+class DoorConfig(_Strict):
+    enabled: bool = Field(
+        default=False, description="Drive the door relay, LEDs and buzzer through GPIO."
+    )
+    relay_pin: GpioPin | None = Field(
+        default=None, description="BCM number of the pin that drives the door relay."
+    )
+    relay_active_high: bool = Field(
+        default=True,
+        description="True when a high level energises the relay (releases the door).",
+    )
+    pulse_ms: Annotated[int, Field(ge=100, le=30_000)] = Field(
+        default=1_000, description="How long the relay releases the door on admit."
+    )
+    green_led_pin: GpioPin | None = Field(default=None, description="BCM number of the green LED.")
+    red_led_pin: GpioPin | None = Field(default=None, description="BCM number of the red LED.")
+    buzzer_pin: GpioPin | None = Field(
+        default=None, description="BCM number of an active buzzer (one that beeps on DC)."
+    )
+    light_ms: Annotated[int, Field(ge=100, le=30_000)] = Field(
+        default=2_000, description="How long an LED stays lit after a verdict."
+    )
+    beep_ms: Annotated[int, Field(ge=20, le=5_000)] = Field(
+        default=300, description="Length of one buzzer beep."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_pins(self) -> DoorConfig:
+        pins = [
+            pin
+            for pin in (self.relay_pin, self.green_led_pin, self.red_led_pin, self.buzzer_pin)
+            if pin is not None
+        ]
+        duplicates = sorted({pin for pin in pins if pins.count(pin) > 1})
+        if duplicates:
+            raise ValueError(f"each output needs its own pin; used twice: {duplicates}")
+        if self.enabled and not pins:
+            raise ValueError("enabled without any pin: set relay_pin, an LED pin or buzzer_pin")
+        return self
+
+
 class GuardConfig(_Strict):
     shift_max_s: Annotated[int, Field(ge=600, le=86_400)] = Field(
         default=43_200,
@@ -379,6 +422,19 @@ class GuardConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    enabled: bool = Field(
+        default=False, description="Serve Prometheus metrics over HTTP while `edgenode run` runs."
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics endpoint listens on; loopback keeps it on this machine.",
+    )
+    port: Annotated[int, Field(ge=1, le=65_535)] = Field(
+        default=9464, description="TCP port of the metrics endpoint (/metrics)."
+    )
+
+
 class Config(_Strict):
     device: DeviceConfig
     trust: TrustConfig = Field(default_factory=TrustConfig)
@@ -387,9 +443,11 @@ class Config(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     display: DisplayConfig = Field(default_factory=DisplayConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
-    guard: GuardConfig = Field(default_factory=GuardConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    voice: VoiceConfig = Field(default_factory=VoiceConfig)
+    door: DoorConfig = Field(default_factory=DoorConfig)
     screen: ScreenConfig = Field(default_factory=ScreenConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     sources: list[SourceConfig] = Field(
