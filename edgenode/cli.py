@@ -322,6 +322,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     clock = guard.read
     network: Connection | None = None
     screen: ScreenServer | None = None
+    # Voice prompts and door outputs: closed after the daemon stops, or when start-up fails.
+    outputs: list[Any] = []
     try:
         # Before the downlink reads the cache's version, which fails on a corrupt file.
         cache_alarms = set_aside_corrupt_cache(config)
@@ -337,6 +339,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             screen = ScreenServer(config.screen, tr, network=network)
             listeners.append(screen.on_verdict)
             override_listeners.append(screen.on_override)
+        outputs = _open_outputs(config, tr)
+        listeners.extend(output.on_verdict for output in outputs)
+        override_listeners.extend(output.on_override for output in outputs)
         daemon = Daemon(
             config,
             _build_sources(config),
@@ -357,15 +362,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if config.metrics.enabled:
             daemon.metrics.start_server()
     except (JournalError, DeviceKeyError, OSError, ValueError, sqlite3.Error) as exc:
+        _close_outputs(outputs)
         raise CommandError(
             tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
         ) from exc
     try:
         asyncio.run(daemon.run())
     finally:
+        _close_outputs(outputs)
         daemon.metrics.stop_server()
         guard.save()
     return EXIT_OK
+
+
+def _open_outputs(config: Config, tr: Translator) -> list[Any]:
+    """Start the voice prompts and open the door outputs that the config enables."""
+    from drivers.gpio import DoorOutputs, GpioError
+    from drivers.voice import VoiceError, VoicePrompter
+
+    outputs: list[Any] = []
+    try:
+        if config.voice.enabled:
+            language = config.display.language or language_from_env()
+            voice = VoicePrompter(config.voice, language)
+            voice.start()
+            outputs.append(voice)
+        if config.door.enabled:
+            door = DoorOutputs(config.door)
+            door.open()
+            outputs.append(door)
+    except (VoiceError, GpioError) as exc:
+        _close_outputs(outputs)
+        raise CommandError(
+            tr.gettext("Start-up failed: {error}").format(error=exc), EXIT_STARTUP
+        ) from exc
+    return outputs
+
+
+def _close_outputs(outputs: Sequence[Any]) -> None:
+    """Close outputs in reverse order; the door relay ends at its inactive level."""
+    for output in reversed(outputs):
+        output.close()
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
