@@ -305,25 +305,37 @@ class Hub:
             group = [await self._commits.get()]
             while len(group) < MAX_COMMIT_BATCHES and not self._commits.empty():
                 group.append(self._commits.get_nowait())
-            try:
-                results = await self._commit([pending.batch for pending in group])
-            except StoreUnavailable as exc:
+            await self._commit_group(group)
+
+    async def _commit_group(self, group: list[_PendingBatch]) -> None:
+        """Store a group of batches in one transaction and ack each. A batch that is not
+        stored gets no ack, so its gate sends it again."""
+        try:
+            results = await self._commit([pending.batch for pending in group])
+        except StoreUnavailable as exc:
+            for pending in group:
+                self._store_failed(exc, pending.uplink, batch_id=pending.batch.batch_id)
+            return
+        except Exception as exc:  # sqlite3.Error, psycopg.Error
+            if len(group) > 1:
+                # One batch that fails must not fail the others: store each one alone.
                 for pending in group:
-                    self._store_failed(exc, pending.uplink, batch_id=pending.batch.batch_id)
-                continue
-            except Exception as exc:  # sqlite3.Error, psycopg.Error: no ack, the gates resend.
-                log.error(
-                    "batches_not_stored",
-                    error=repr(exc),
-                    batch_ids=[pending.batch.batch_id for pending in group],
-                )
-                continue
-            await asyncio.gather(
-                *(
-                    self._finish_batch(pending, result)
-                    for pending, result in zip(group, results, strict=True)
-                )
+                    await self._commit_group([pending])
+                return
+            log.error(
+                "batch_not_stored",
+                reason="store_error",
+                error=repr(exc),
+                batch_id=group[0].batch.batch_id,
+                **_ids(group[0].uplink),
             )
+            return
+        await asyncio.gather(
+            *(
+                self._finish_batch(pending, result)
+                for pending, result in zip(group, results, strict=True)
+            )
+        )
 
     async def _finish_batch(self, pending: _PendingBatch, result: BatchResult) -> None:
         """Count, log and ack a committed batch, then queue its alarm checks."""
