@@ -37,7 +37,8 @@ VERDICTS = ("admit", "review", "deny", "incomplete", "unrecognised")
 # A deny stored without any reason is counted under this name.
 NO_REASON = "none"
 FC_LIST_TIMEOUT_S = 10.0
-# Subjects per query in ``admits_of_subjects``, well under SQLite's 32,766 parameters.
+# Subjects per query in ``admits_of_subjects``, well under SQLite's default limit of 32,766
+# parameters (SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32).
 MAX_QUERY_SUBJECTS = 500
 
 
