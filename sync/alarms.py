@@ -65,6 +65,8 @@ class AlarmKind(StrEnum):
     CHAIN_BREAK = "chain_break"
     # Raised by the hub's enrollment (sync/enrollment.py): a rejected enroll request.
     ENROLL_REJECTED = "enroll_rejected"
+    # An alarm a gate raised itself (outbox_full, file_corrupt), passed on with its fields.
+    GATE_ALARM = "gate_alarm"
 
 
 def alarm_topic(site: str) -> str:
@@ -106,6 +108,8 @@ class Alarm:
             return (self.kind, self.site, self.device, subject)
         if self.kind is AlarmKind.CODE_SHARING:
             return (self.kind, self.site, *sorted(self.devices), self.subject or "")
+        if self.kind is AlarmKind.GATE_ALARM:
+            return (self.kind, self.site, self.device, str(self.detail.get("alarm", "")))
         return (self.kind, self.site, self.device)
 
     def log_fields(self) -> dict[str, Any]:

@@ -94,6 +94,8 @@ MAX_COMMIT_BATCHES = 64
 # Gates' requests (chunks, snapshots) served at the same time by one hub process.
 MAX_PENDING_REQUESTS = 64
 SILENT_CHECK_INTERVAL_S = 60.0
+# Characters kept of each string field of a gate's alarm.
+MAX_DETAIL_CHARS = 300
 
 
 class _Rejected(Exception):
@@ -252,7 +254,12 @@ class Hub:
         if kind == "batch":
             await self._on_batch(device, uplink, body)
         elif kind == "alarm":
-            _log_gate_alarm(uplink, body)
+            detail = _gate_alarm_detail(body)
+            log.error("gate_alarm", **_ids(uplink), **detail)
+            alarm = Alarm(
+                AlarmKind.GATE_ALARM, uplink.site, (uplink.device,), None, (), detail, self.clock()
+            )
+            self._queue_check(_Check(None, "", [], [], None, (alarm,)))
         elif kind == "decommission":
             await self._on_decommission(uplink)
         elif kind == "request" and self.publisher is not None:
@@ -618,13 +625,20 @@ def _decode(payload: bytes, device: Device) -> dict[str, Any]:
     return body
 
 
-def _log_gate_alarm(uplink: _Uplink, body: dict[str, Any]) -> None:
-    fields = {
-        key: body.get(key)
-        for key in ("raised_at", "backlog", "bound")
-        if isinstance(body.get(key), int | float)
-    }
-    log.error("gate_alarm", alarm=str(body.get("alarm")), **_ids(uplink), **fields)
+def _gate_alarm_detail(body: dict[str, Any]) -> dict[str, float | int | str]:
+    """Return a gate alarm's own fields: numbers, and strings cut to a few hundred characters.
+
+    Gates put only counts, times and file paths in their alarms, never personal data.
+    """
+    detail: dict[str, float | int | str] = {"alarm": str(body.get("alarm"))[:MAX_DETAIL_CHARS]}
+    for key, value in body.items():
+        if key in {"type", "site", "device", "alarm"} or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            detail[key] = value
+        elif isinstance(value, str):
+            detail[key] = value[:MAX_DETAIL_CHARS]
+    return detail
 
 
 def _ids(uplink: _Uplink) -> dict[str, str]:

@@ -90,6 +90,13 @@ MIGRATIONS: tuple[str, ...] = (
         public_key BLOB
     ) WITHOUT ROWID;
     """,
+    # Fields of ID-number checks and guard overrides (docs/mqtt.md, "batch"): the check's
+    # method, and on an override the seq of the verdict it overrides and the guard on duty.
+    """
+    ALTER TABLE records ADD COLUMN method TEXT;
+    ALTER TABLE records ADD COLUMN verdict_seq INTEGER;
+    ALTER TABLE records ADD COLUMN guard_id TEXT;
+    """,
 )
 # The chain hash before a gate's first record (edgenode.journal.GENESIS_HASH), in hex.
 GENESIS_HASH_HEX = "00" * 32
@@ -131,6 +138,11 @@ class WireRecord(BaseModel):
     clock_trusted: bool
     prev_hash: str
     hash: str
+    # Set only where they apply: "id_number" on a verdict from an ID-number check, and the
+    # overridden verdict's seq and the guard's on-duty id on an override.
+    method: str | None = None
+    verdict_seq: int | None = Field(default=None, ge=1)
+    guard_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,8 +391,8 @@ class HubStore:
         self._db.executemany(
             "INSERT OR IGNORE INTO records (device, seq, kind, recorded_at, age_s, station, "
             "verdict, reasons, health_subject, community_subject, latency_ms, clock_trusted, "
-            "prev_hash, hash, lane, batch_id, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "prev_hash, hash, lane, batch_id, received_at, method, verdict_seq, guard_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         new = self._db.total_changes - before
@@ -557,4 +569,7 @@ def _record_row(
         lane,
         batch_id,
         received_at,
+        record.method,
+        record.verdict_seq,
+        record.guard_id,
     )

@@ -106,14 +106,21 @@ MIGRATIONS: tuple[str, ...] = (
         public_key BYTEA
     )
     """,
+    # Fields of ID-number checks and guard overrides, as in the SQLite store.
+    """
+    ALTER TABLE records
+        ADD COLUMN method TEXT,
+        ADD COLUMN verdict_seq BIGINT,
+        ADD COLUMN guard_id TEXT
+    """,
 )
 
 _DEVICE_COLUMNS = "id, site, device_id, public_key, enabled, registered_at"
 _INSERT_RECORD = (
     "INSERT INTO records (device, seq, kind, recorded_at, age_s, station, verdict, reasons, "
     "health_subject, community_subject, latency_ms, clock_trusted, prev_hash, hash, lane, "
-    "batch_id, received_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "batch_id, received_at, method, verdict_seq, guard_id) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (device, seq) DO NOTHING"
 )
 _INSERT_REJECTED = (
@@ -521,6 +528,9 @@ def _record_row(
         lane,
         batch_id,
         received_at,
+        record.method,
+        record.verdict_seq,
+        record.guard_id,
     )
 
 

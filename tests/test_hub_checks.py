@@ -380,3 +380,28 @@ def test_hub_serves_gate_snapshot_request(broker: Broker, tmp_path: Path) -> Non
 
     run(scenario())
     assert hub.rejected == {}
+
+
+def test_gate_alarm_passed_on_to_alarm_topic(broker: Broker, tmp_path: Path) -> None:
+    hub = AlarmHub(broker, tmp_path)
+    topics = Topics(hub.site, hub.device)
+    gate_alarm = {
+        "type": "alarm",
+        "alarm": "file_corrupt",
+        "site": hub.site,
+        "device": hub.device,
+        "raised_at": time.time(),
+        "file": "journal.db",
+        "moved_to": "journal.db.corrupt-20261204T220000Z",
+    }
+
+    async def scenario(client: aiomqtt.Client) -> None:
+        await client.publish(topics.priority, encode_message(gate_alarm, hub.gate_key), qos=1)
+        await wait_until(lambda: bool(hub.alarms), "gate alarm passed on")
+
+    run(hub.run(scenario))
+    assert [a["alarm"] for a in hub.alarms] == ["gate_alarm"]
+    detail = hub.alarms[0]["detail"]
+    assert detail["alarm"] == "file_corrupt"
+    assert detail["moved_to"] == "journal.db.corrupt-20261204T220000Z"
+    assert hub.alarms[0]["device"] == hub.device

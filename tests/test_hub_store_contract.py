@@ -135,6 +135,23 @@ def test_store_insert_batch_idempotent(location: StoreLocation) -> None:
         assert bool(rows[0]["clock_trusted"]) is True
 
 
+def test_store_keeps_override_and_method_fields(location: StoreLocation) -> None:
+    id_check = chain(1, 1, method="id_number", verdict="review", reasons=["health_unknown"])
+    override = chain(2, 2, kind="override", verdict="admit", reasons=["resident_known_to_guard"])
+    override = [override[0].model_copy(update={"verdict_seq": 1, "guard_id": "G01"})]
+    with open_store(location) as store:
+        gate = store.register_device("S1", "gate-01", KEY)
+        store.insert_batch(gate, id_check + override, lane="normal", batch_id="a")
+        rows = store.records(gate)
+
+    assert rows[0]["method"] == "id_number"
+    assert rows[0]["verdict_seq"] is None
+    assert rows[1]["kind"] == "override"
+    assert rows[1]["verdict_seq"] == 1
+    assert rows[1]["guard_id"] == "G01"
+    assert rows[1]["method"] is None
+
+
 def test_store_insert_batches_in_one_transaction(location: StoreLocation) -> None:
     with open_store(location) as store:
         first = store.register_device("S1", "gate-01", KEY)
