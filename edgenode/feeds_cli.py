@@ -1,8 +1,8 @@
 """``edgenode district import`` and ``edgenode district publish``: feeds in, datasets out.
 
-Both read the hub's TOML config (edgenode/hub_cli.py) for the store file, the district key
-and the broker. ``publish`` reads the issuer keys ``issuer-health.key`` and
-``issuer-community.key`` from the folder of the district key file.
+Both read the hub's TOML config (edgenode/hub_cli.py) for the store (a SQLite file or a
+PostgreSQL URL), the district key and the broker. ``publish`` reads the issuer keys
+``issuer-health.key`` and ``issuer-community.key`` from the folder of the district key file.
 ``add_commands`` adds the commands to the ``district`` subparsers.
 """
 
@@ -12,7 +12,8 @@ import argparse
 import asyncio
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,33 @@ from edgenode.hub_cli import HubConfig, load_hub_config
 from edgenode.i18n import Translator
 from edgenode.id_numbers import IdLookupKeyError, read_id_lookup_key
 from sync.connection import Connection, NotConnected
-from sync.feeds import FeedError, FeedStore, ImportResult, import_health, import_roster
+from sync.feed_backend import FeedBackend, Transfer, open_feed_store
+from sync.feeds import FeedError, ImportResult, import_health, import_roster
 from sync.hub import HUB_SITE
-from sync.publisher import DAY_S, IssuerKey, Publisher, Transfer, read_issuer_keys
+from sync.publisher import DAY_S, IssuerKey, Publisher, read_issuer_keys
+from sync.store_backend import StoreUnavailable
 
 CONNECT_TIMEOUT_S = 30.0
+
+
+@contextmanager
+def _feed_store(config: HubConfig) -> Iterator[FeedBackend]:
+    """Open the feed store of the hub config. Raises DistrictError when it is unreachable."""
+    try:
+        store = open_feed_store(config.store)
+    except StoreUnavailable as exc:
+        raise DistrictError(str(exc)) from exc
+    with store:
+        try:
+            yield store
+        except StoreUnavailable as exc:
+            raise DistrictError(str(exc)) from exc
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     config = load_hub_config(Path(args.config))
-    with FeedStore(config.sqlite_store()) as store:
+    with _feed_store(config) as store:
         try:
             if args.feed == "roster":
                 result = import_roster(
@@ -85,7 +102,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         issuers = read_issuer_keys(config.district_key_file.parent)
     except KeyFileError as exc:
         raise DistrictError(str(exc)) from exc
-    with FeedStore(config.sqlite_store()) as store:
+    with _feed_store(config) as store:
         transfer = asyncio.run(_publish(config, store, district_key, issuers, args))
     message = (
         tr.gettext("Published snapshot version {version} for site {site} in {chunks} chunks")
@@ -107,7 +124,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 async def _publish(
     config: HubConfig,
-    store: FeedStore,
+    store: FeedBackend,
     district_key: SigningKey,
     issuers: Sequence[IssuerKey],
     args: argparse.Namespace,

@@ -4,7 +4,8 @@ The hub reads a small TOML file of its own, for example::
 
     hub_id = "hub-a"                 # optional, default: the host name
     store = "hub.db"                 # relative paths are relative to this file
-    # or PostgreSQL, with the password in ~/.pgpass rather than here:
+    # or PostgreSQL, with the password in ~/.pgpass rather than here. Either store keeps the
+    # records, the imported feeds and the published datasets:
     # store = "postgresql://hub@db.district.example:5432/edgenode?sslmode=verify-full"
     district_key_file = "district.key"
 
@@ -23,7 +24,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import functools
 import json
 import signal
@@ -43,13 +43,12 @@ from edgenode.district_keys import KeyringError
 from edgenode.i18n import Translator, language_from_env, translator
 from edgenode.logs import configure_logging
 from sync.alarms import AlarmChecker
-from sync.feeds import FeedStore
+from sync.feed_backend import open_feed_store
 from sync.hub import Hub
 from sync.hub_store import PUBLIC_KEY_BYTES, HubStoreError
 from sync.publisher import IssuerKey, Publisher, read_issuer_keys
 from sync.store_backend import (
     HubStoreBackend,
-    PostgresUrl,
     StoreLocation,
     StoreUnavailable,
     open_store,
@@ -101,8 +100,9 @@ class HubConfig(_Strict):
         default=None, description="Name of this hub in logs and client ids (default: host name)."
     )
     store: Annotated[StoreLocation, BeforeValidator(_store_location)] = Field(
-        description="The hub store shared by the hubs of one district: a SQLite file, or a "
-        "postgresql:// URL (libpq syntax) for hubs on several machines."
+        description="The hub store shared by the hubs of one district, with the records, "
+        "the imported feeds and the published datasets: a SQLite file, or a postgresql:// "
+        "URL (libpq syntax) for hubs on several machines."
     )
     district_key_file: Path = Field(description="District signing key, for the acks.")
     id_lookup_key_file: Path | None = Field(
@@ -111,18 +111,6 @@ class HubConfig(_Strict):
         "under it. Unset drops ID numbers at import.",
     )
     broker: HubBrokerConfig = Field(default_factory=HubBrokerConfig)
-
-    def sqlite_store(self) -> Path:
-        """Return the SQLite store file. Raises DistrictError when ``store`` is PostgreSQL.
-
-        Feeds, dataset publishing and reports still read the SQLite file.
-        """
-        if isinstance(self.store, PostgresUrl):
-            raise DistrictError(
-                f"this command needs a SQLite store file, and the hub config's store is "
-                f"PostgreSQL ({self.store}): run it against a hub config with a store file"
-            )
-        return self.store
 
 
 def load_hub_config(path: Path) -> HubConfig:
@@ -193,10 +181,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         district_key=district_key,
         hub_id=config.hub_id,
     )
-    with _feed_store(config) as feeds:
+    try:
+        feeds = open_feed_store(config.store)
+    except StoreUnavailable as exc:
+        raise DistrictError(str(exc)) from exc
+    with feeds:
         # The hub answers gates' chunk and snapshot requests and raises alarms over its own
         # connection, so each request and each batch is handled by one hub of the group.
-        if issuers is not None and feeds is not None:
+        if issuers is not None:
             hub.publisher = Publisher(
                 feeds, hub.connection, district_key=district_key, issuers=issuers
             )
@@ -211,16 +203,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             hub.alarm_checker.close()
     return 0
-
-
-def _feed_store(config: HubConfig) -> contextlib.AbstractContextManager[FeedStore | None]:
-    """Open the feed store in the SQLite hub store file, or return None for PostgreSQL."""
-    if isinstance(config.store, PostgresUrl):
-        # TODO: feeds and published datasets are kept only in a SQLite store so far, so a hub
-        # on PostgreSQL ingests and raises alarms but does not serve gates' dataset requests.
-        log.warning("requests_not_served", reason="store_is_postgresql", store=str(config.store))
-        return contextlib.nullcontext()
-    return FeedStore(config.store)
 
 
 async def _serve(hub: Hub) -> None:

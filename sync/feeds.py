@@ -2,8 +2,10 @@
 
 A community office or a city platform exports a feed as CSV (UTF-8 with or without a BOM,
 or GB18030) or as JSON (an array of objects). ``import_roster`` and ``import_health`` check
-every row, keep the good ones in ``FeedStore`` tables beside the hub's own (sync/hub_store.py)
-in the same SQLite file, and return a ``RowError`` with the line number for each bad row.
+every row, keep the good ones in the feed store's tables beside the hub's own, and return a
+``RowError`` with the line number for each bad row. ``FeedStore`` keeps them in the hub's
+SQLite file (sync/hub_store.py), ``PostgresFeedStore`` (sync/feeds_pg.py) in its PostgreSQL
+database; sync/feed_backend.py chooses.
 
 A roster file is the full roster of every site it names: after the import, a resident of such
 a site whose subject appears in no row of the file is removed. A health feed only adds or
@@ -23,17 +25,23 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO, TypeVar
 
 from edgenode.codes import Role
 from edgenode.district import mask_name
 from edgenode.id_numbers import IdNumberError, id_number_hash
 from edgenode.sqlite_db import apply_migrations, open_durable, schema_version
+from sync.feed_backend import TRANSFER_COLUMNS, PublishedState, Transfer, transfer_from_row
+
+if TYPE_CHECKING:
+    from sync.feed_backend import FeedBackend
+
+T = TypeVar("T")
 
 # Dates without a time or an offset are China Standard Time, the time of the feeds' offices.
 CHINA_TZ = timezone(timedelta(hours=8))
@@ -316,6 +324,102 @@ class FeedStore:
                 result[row[0]] = HealthRow(*row)
         return result
 
+    # --- published datasets (sync/publisher.py) ---
+
+    def publish_transaction(self, site: str, work: Callable[[], T]) -> T:
+        """Call ``work`` in one write transaction (BEGIN IMMEDIATE), rolled back if it raises.
+
+        SQLite has one write lock per file, so this waits for every other writer, not only
+        for the publishers of ``site``.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return result
+
+    def published_state(self, site: str) -> PublishedState | None:
+        row = self.db.execute(
+            "SELECT version, kind, issued_at FROM published_sites WHERE site = ?", (site,)
+        ).fetchone()
+        return None if row is None else PublishedState(int(row[0]), str(row[1]), int(row[2]))
+
+    def published_digests(self, site: str) -> dict[str, str]:
+        rows = self.db.execute(
+            "SELECT record_key, digest FROM published_records WHERE site = ?", (site,)
+        ).fetchall()
+        return {str(key): str(digest) for key, digest in rows}
+
+    def store_transfer(
+        self,
+        transfer: Transfer,
+        digests: Mapping[str, str] | None,
+        *,
+        changed: Sequence[str] | None,
+        removed: Sequence[str],
+        keep_transfers: int,
+    ) -> None:
+        """Store the transfer and the site's published state, as ``FeedBackend`` describes."""
+        db = self.db
+        site = transfer.site
+        if digests is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO published_sites (site, version, kind, issued_at) "
+                "VALUES (?, ?, ?, ?)",
+                (site, transfer.version, transfer.kind, int(transfer.created_at)),
+            )
+            if changed is None:
+                db.execute("DELETE FROM published_records WHERE site = ?", (site,))
+                rows = [(site, key, digest) for key, digest in digests.items()]
+            else:
+                db.executemany(
+                    "DELETE FROM published_records WHERE site = ? AND record_key = ?",
+                    [(site, key) for key in removed],
+                )
+                rows = [(site, key, digests[key]) for key in changed]
+            db.executemany(
+                "INSERT OR REPLACE INTO published_records (site, record_key, digest) "
+                "VALUES (?, ?, ?)",
+                rows,
+            )
+        db.execute(
+            f"INSERT INTO published_transfers ({TRANSFER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                transfer.transfer_id,
+                site,
+                transfer.kind,
+                transfer.version,
+                transfer.base_version,
+                transfer.chunk_size,
+                transfer.data,
+                transfer.created_at,
+            ),
+        )
+        db.execute(
+            "DELETE FROM published_transfers WHERE site = ? AND transfer_id NOT IN ("
+            "SELECT transfer_id FROM published_transfers WHERE site = ? "
+            "ORDER BY created_at DESC, version DESC LIMIT ?)",
+            (site, site, keep_transfers),
+        )
+
+    def transfer(self, transfer_id: str) -> Transfer | None:
+        row = self.db.execute(
+            f"SELECT {TRANSFER_COLUMNS} FROM published_transfers WHERE transfer_id = ?",
+            (transfer_id,),
+        ).fetchone()
+        return None if row is None else transfer_from_row(row)
+
+    def stored_snapshot(self, site: str, version: int) -> Transfer | None:
+        row = self.db.execute(
+            f"SELECT {TRANSFER_COLUMNS} FROM published_transfers WHERE site = ? "
+            "AND kind = 'snapshot' AND version = ? ORDER BY created_at DESC LIMIT 1",
+            (site, version),
+        ).fetchone()
+        return None if row is None else transfer_from_row(row)
+
 
 # --- reading files ---
 
@@ -578,7 +682,7 @@ def _load(path: Path, feed_format: FeedFormat | None) -> list[tuple[int, object]
 
 
 def import_roster(
-    store: FeedStore,
+    store: FeedBackend,
     path: Path,
     feed_format: FeedFormat | None = None,
     *,
@@ -634,7 +738,7 @@ def _note_subject(raw: object, seen: dict[str, set[str]]) -> None:
 
 
 def import_health(
-    store: FeedStore,
+    store: FeedBackend,
     path: Path,
     feed_format: FeedFormat | None = None,
     *,

@@ -21,6 +21,7 @@ and one that got none meets a ``version_gap`` at the next delta and requests a s
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import tempfile
@@ -40,7 +41,8 @@ from edgenode.district_keys import active_issuer_keys
 from edgenode.snapshot import write_snapshot
 from sync.delta import write_delta
 from sync.downlink import MAX_CHUNK_BYTES, MAX_CHUNKS, Kind, chunk_messages
-from sync.feeds import FeedStore
+from sync.feed_backend import FeedBackend, PublishedState
+from sync.feed_backend import Transfer as Transfer  # Re-exported for the publisher's callers.
 from sync.protocol import Topics
 
 log = structlog.get_logger("sync.publisher")
@@ -70,31 +72,6 @@ class IssuerKey:
     valid_until: int
 
 
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    """One stored dataset file and the fields its chunks carry."""
-
-    transfer_id: str
-    site: str
-    kind: Kind
-    version: int
-    base_version: int | None
-    chunk_size: int
-    data: bytes
-    created_at: float
-
-    @property
-    def chunk_count(self) -> int:
-        return max(1, -(-len(self.data) // self.chunk_size))
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedState:
-    version: int
-    kind: str
-    issued_at: int
-
-
 def record_key(record: Mapping[str, Any]) -> str:
     """Return ``dataset:key`` for a record, the key being its dataset's KEY_COLUMNS value."""
     dataset = str(record["dataset"])
@@ -108,7 +85,7 @@ def record_digest(record: Mapping[str, Any]) -> str:
 
 
 def site_records(
-    store: FeedStore, site: str, issuers: Sequence[IssuerKey]
+    store: FeedBackend, site: str, issuers: Sequence[IssuerKey]
 ) -> dict[str, dict[str, Any]]:
     """Build every record of a site's datasets, by ``record_key``.
 
@@ -169,12 +146,12 @@ def site_records(
 class Publisher:
     """Build, store and send a site's dataset versions. Use from one event loop.
 
-    The store's SQLite calls run in a worker thread, one at a time.
+    The store's calls run in a worker thread, one at a time.
     """
 
     def __init__(
         self,
-        store: FeedStore,
+        store: FeedBackend,
         connection: Publishing,
         *,
         district_key: SigningKey,
@@ -215,41 +192,41 @@ class Publisher:
     def build(self, site: str, *, snapshot: bool = False) -> Transfer:
         """Write the site's next version and commit it with its record digests. Blocking.
 
-        The whole build runs under the store's write lock (BEGIN IMMEDIATE), so two processes
+        The whole build runs in the store's ``publish_transaction``, so two processes
         publishing at once make two consecutive versions, never the same one twice.
         """
-        db = self.store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            published = self._published(site)
-            records = site_records(self.store, site, self.issuers_at(int(self.clock())))
-            digests = {key: record_digest(record) for key, record in records.items()}
-            if snapshot or published is None:
-                version = 1 if published is None else published.version + 1
-                transfer = self._write(site, "snapshot", version, None, list(records.values()))
-                self._commit_state(transfer, digests)
-            else:
-                changed, removed = self._changed_keys(site, digests)
-                changes = [{"op": "upsert", **records[key]} for key in changed]
-                changes += [_delete_change(key) for key in removed]
-                version = published.version + 1
-                transfer = self._write(site, "delta", version, published.version, changes)
-                self._commit_state(transfer, digests, changed=changed, removed=removed)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        transfer, records = self.store.publish_transaction(
+            site, functools.partial(self._build_in_transaction, site, snapshot)
+        )
         log.info(
             "dataset_built",
             site=site,
             kind=transfer.kind,
             version=transfer.version,
             base_version=transfer.base_version,
-            records=len(records),
+            records=records,
             bytes=len(transfer.data),
             transfer_id=transfer.transfer_id,
         )
         return transfer
+
+    def _build_in_transaction(self, site: str, snapshot: bool) -> tuple[Transfer, int]:
+        """Return the new version's transfer and its record count."""
+        published = self.store.published_state(site)
+        records = site_records(self.store, site, self.issuers_at(int(self.clock())))
+        digests = {key: record_digest(record) for key, record in records.items()}
+        if snapshot or published is None:
+            version = 1 if published is None else published.version + 1
+            transfer = self._write(site, "snapshot", version, None, list(records.values()))
+            self._commit_state(transfer, digests)
+        else:
+            changed, removed = self._changed_keys(site, digests)
+            changes = [{"op": "upsert", **records[key]} for key in changed]
+            changes += [_delete_change(key) for key in removed]
+            version = published.version + 1
+            transfer = self._write(site, "delta", version, published.version, changes)
+            self._commit_state(transfer, digests, changed=changed, removed=removed)
+        return transfer, len(records)
 
     def issuers_at(self, now: int) -> list[IssuerKey]:
         """Return the issuer keys to publish at ``now``, leaving out keys whose validity ended."""
@@ -258,10 +235,7 @@ class Publisher:
         return [issuer for issuer in issuers if now <= issuer.valid_until]
 
     def _published(self, site: str) -> PublishedState | None:
-        row = self.store.db.execute(
-            "SELECT version, kind, issued_at FROM published_sites WHERE site = ?", (site,)
-        ).fetchone()
-        return None if row is None else PublishedState(int(row[0]), str(row[1]), int(row[2]))
+        return self.store.published_state(site)
 
     def published_version(self, site: str) -> int | None:
         state = self._published(site)
@@ -270,11 +244,7 @@ class Publisher:
     def _changed_keys(self, site: str, digests: Mapping[str, str]) -> tuple[list[str], list[str]]:
         """Return the record keys new or changed since the published version, and those
         removed, each sorted."""
-        published = dict(
-            self.store.db.execute(
-                "SELECT record_key, digest FROM published_records WHERE site = ?", (site,)
-            ).fetchall()
-        )
+        published = self.store.published_digests(site)
         changed = sorted(key for key, digest in digests.items() if published.get(key) != digest)
         removed = sorted(set(published) - set(digests))
         return changed, removed
@@ -336,73 +306,15 @@ class Publisher:
     ) -> None:
         """Store the transfer and, unless ``digests`` is None, the site's published state.
 
-        ``digests`` maps every record key of the version to its digest. When ``changed`` is
-        given, only the digests of those keys and of ``removed`` are written, which keeps a
-        small delta's cost independent of the site's size. Runs inside the caller's
-        transaction.
+        See ``FeedBackend.store_transfer``. Runs inside the caller's transaction.
         """
-        db = self.store.db
-        site = transfer.site
-        if digests is not None:
-            db.execute(
-                "INSERT OR REPLACE INTO published_sites (site, version, kind, issued_at) "
-                "VALUES (?, ?, ?, ?)",
-                (site, transfer.version, transfer.kind, int(transfer.created_at)),
-            )
-            if changed is None:
-                db.execute("DELETE FROM published_records WHERE site = ?", (site,))
-                rows = [(site, key, digest) for key, digest in digests.items()]
-            else:
-                db.executemany(
-                    "DELETE FROM published_records WHERE site = ? AND record_key = ?",
-                    [(site, key) for key in removed],
-                )
-                rows = [(site, key, digests[key]) for key in changed]
-            db.executemany(
-                "INSERT OR REPLACE INTO published_records (site, record_key, digest) "
-                "VALUES (?, ?, ?)",
-                rows,
-            )
-        db.execute(
-            "INSERT INTO published_transfers (transfer_id, site, kind, version, base_version, "
-            "chunk_size, data, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                transfer.transfer_id,
-                site,
-                transfer.kind,
-                transfer.version,
-                transfer.base_version,
-                transfer.chunk_size,
-                transfer.data,
-                transfer.created_at,
-            ),
-        )
-        db.execute(
-            "DELETE FROM published_transfers WHERE site = ? AND transfer_id NOT IN ("
-            "SELECT transfer_id FROM published_transfers WHERE site = ? "
-            "ORDER BY created_at DESC, version DESC LIMIT ?)",
-            (site, site, KEEP_TRANSFERS),
+        self.store.store_transfer(
+            transfer, digests, changed=changed, removed=removed, keep_transfers=KEEP_TRANSFERS
         )
 
     def transfer(self, transfer_id: str) -> Transfer | None:
         """Return a stored transfer, or None when it is unknown or was deleted."""
-        row = self.store.db.execute(
-            "SELECT transfer_id, site, kind, version, base_version, chunk_size, data, created_at "
-            "FROM published_transfers WHERE transfer_id = ?",
-            (transfer_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return Transfer(
-            transfer_id=str(row[0]),
-            site=str(row[1]),
-            kind="snapshot" if row[2] == "snapshot" else "delta",
-            version=int(row[3]),
-            base_version=None if row[4] is None else int(row[4]),
-            chunk_size=int(row[5]),
-            data=bytes(row[6]),
-            created_at=float(row[7]),
-        )
+        return self.store.transfer(transfer_id)
 
     async def send(self, transfer: Transfer, indexes: Sequence[int] | None = None) -> int:
         """Publish a transfer's chunks, all or only ``indexes``. Return how many were sent.
@@ -462,7 +374,7 @@ class Publisher:
                     site=site,
                     device=device,
                 )
-        except Exception as exc:  # NotConnected, sqlite3.Error, OSError: logged, not raised.
+        except Exception as exc:  # NotConnected, StoreUnavailable, SQL errors: logged, not raised.
             log.error("request_failed", what=str(what), site=site, device=device, error=repr(exc))
 
     async def _resend_chunks(self, site: str, device: str, body: Mapping[str, Any]) -> None:
@@ -513,21 +425,15 @@ class Publisher:
 
         Returns None when nothing was published for the site yet.
         """
-        db = self.store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            transfer = self._snapshot_in_transaction(site)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return transfer
+        return self.store.publish_transaction(
+            site, functools.partial(self._snapshot_in_transaction, site)
+        )
 
     def _snapshot_in_transaction(self, site: str) -> Transfer | None:
         published = self._published(site)
         if published is None:
             return None
-        stored = self._stored_snapshot(site, published.version)
+        stored = self.store.stored_snapshot(site, published.version)
         if stored is not None:
             return stored
         records = site_records(self.store, site, self.issuers_at(int(self.clock())))
@@ -541,14 +447,6 @@ class Publisher:
         transfer = self._write(site, "snapshot", version, None, list(records.values()))
         self._commit_state(transfer, state)
         return transfer
-
-    def _stored_snapshot(self, site: str, version: int) -> Transfer | None:
-        row = self.store.db.execute(
-            "SELECT transfer_id FROM published_transfers WHERE site = ? AND kind = 'snapshot' "
-            "AND version = ? ORDER BY created_at DESC LIMIT 1",
-            (site, version),
-        ).fetchone()
-        return None if row is None else self.transfer(str(row[0]))
 
 
 def _delete_change(key: str) -> dict[str, Any]:

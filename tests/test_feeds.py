@@ -1,4 +1,8 @@
-"""Roster and health-status feeds imported into the hub's store, from the files in data/feeds."""
+"""Roster and health-status feeds imported into the hub's store, from the files in data/feeds.
+
+The store tests run on both backends: a SQLite file and a PostgreSQL database on the server
+that tests/postgres.py starts (skipped without one, except under ``CI=true``).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,16 @@ import argparse
 import io
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from contextlib import closing, redirect_stdout
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from edgenode.feeds_cli import add_commands
 from edgenode.i18n import translator
+from sync.feed_backend import FeedBackend, open_feed_store
 from sync.feeds import (
     MIGRATIONS,
     FeedError,
@@ -24,8 +31,16 @@ from sync.feeds import (
     import_roster,
     parse_time,
 )
+from sync.feeds_pg import MIGRATIONS as PG_MIGRATIONS
+from sync.feeds_pg import PostgresFeedStore
 from sync.hub_store import MIGRATIONS as HUB_MIGRATIONS
 from sync.hub_store import HubStore
+from sync.hub_store_pg import MIGRATIONS as PG_HUB_MIGRATIONS
+from sync.hub_store_pg import PostgresHubStore
+from sync.store_backend import PostgresUrl
+from tests.postgres import postgres_server, postgres_url
+
+__all__ = ["postgres_server", "postgres_url"]
 
 FEEDS = Path(__file__).resolve().parent / "data" / "feeds"
 
@@ -42,12 +57,23 @@ def reasons(errors: list[RowError]) -> list[tuple[int, str]]:
     return [(error.line, error.reason) for error in errors]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_value(request: pytest.FixtureRequest) -> str:
+    """The hub config's ``store`` value: a file name, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return "hub.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> FeedStore:
-    return FeedStore(tmp_path / "hub.db")
+def store(store_value: str, tmp_path: Path) -> Iterator[FeedBackend]:
+    location = PostgresUrl(store_value) if "://" in store_value else tmp_path / store_value
+    with open_feed_store(location) as opened:
+        yield opened
 
 
-def test_roster_csv_rows_and_errors(store: FeedStore) -> None:
+def test_roster_csv_rows_and_errors(store: FeedBackend) -> None:
     result = import_roster(store, FEEDS / "roster.csv", now=1_000.0)
 
     assert result.rows == 7
@@ -68,7 +94,7 @@ def test_roster_csv_rows_and_errors(store: FeedStore) -> None:
     assert residents[subject(1)].health_subject == health_subject(1)
 
 
-def test_roster_dates_are_china_time(store: FeedStore) -> None:
+def test_roster_dates_are_china_time(store: FeedBackend) -> None:
     import_roster(store, FEEDS / "roster.csv")
 
     first = {row.subject: row for row in store.residents("XH-0012")}[subject(1)]
@@ -77,7 +103,7 @@ def test_roster_dates_are_china_time(store: FeedStore) -> None:
     assert first.valid_until == 1_798_732_800
 
 
-def test_full_names_and_ids_never_stored(tmp_path: Path) -> None:
+def test_full_names_and_ids_never_stored_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     with FeedStore(path) as store:
         import_roster(store, FEEDS / "roster.csv")
@@ -92,7 +118,22 @@ def test_full_names_and_ids_never_stored(tmp_path: Path) -> None:
     assert "张*丰".encode() in content
 
 
-def test_roster_csv_with_bom(store: FeedStore) -> None:
+def test_full_names_and_ids_never_stored_postgres(postgres_url: str) -> None:
+    with PostgresFeedStore(postgres_url) as store:
+        import_roster(store, FEEDS / "roster.csv")
+        import_roster(store, FEEDS / "roster.json")
+
+    with psycopg.connect(postgres_url) as db:
+        rows = db.execute("SELECT row_to_json(r)::text FROM feed_residents r").fetchall()
+    content = "\n".join(str(row[0]) for row in rows)
+    for full_name in ("张三丰", "李四", "郭靖", "黄蓉"):
+        assert full_name not in content, full_name
+    for id_number in ("110101199003071234", "110101198001011111"):
+        assert id_number not in content, id_number
+    assert "张*丰" in content
+
+
+def test_roster_csv_with_bom(store: FeedBackend) -> None:
     assert (FEEDS / "roster-bom.csv").read_bytes().startswith(b"\xef\xbb\xbf")
 
     result = import_roster(store, FEEDS / "roster-bom.csv")
@@ -102,7 +143,7 @@ def test_roster_csv_with_bom(store: FeedStore) -> None:
     assert names == ["陈*", "杨*华"]
 
 
-def test_health_gb18030_chinese_colours(store: FeedStore) -> None:
+def test_health_gb18030_chinese_colours(store: FeedBackend) -> None:
     with pytest.raises(UnicodeDecodeError):
         (FEEDS / "health-gb18030.csv").read_bytes().decode("utf-8")
 
@@ -122,7 +163,7 @@ def test_health_gb18030_chinese_colours(store: FeedStore) -> None:
     }
 
 
-def test_roster_json_line_numbers(store: FeedStore) -> None:
+def test_roster_json_line_numbers(store: FeedBackend) -> None:
     result = import_roster(store, FEEDS / "roster.json")
 
     assert result.stored == 1
@@ -134,7 +175,7 @@ def test_roster_json_line_numbers(store: FeedStore) -> None:
     assert [row.display_name for row in store.residents("XH-0014")] == ["林*"]
 
 
-def test_health_json_and_older_status(store: FeedStore, tmp_path: Path) -> None:
+def test_health_json_and_older_status(store: FeedBackend, tmp_path: Path) -> None:
     result = import_health(store, FEEDS / "health.json")
     assert reasons(result.errors) == [(3, "invalid_colour")]
     assert store.health([health_subject(21)])[health_subject(21)].colour == "red"
@@ -148,7 +189,7 @@ def test_health_json_and_older_status(store: FeedStore, tmp_path: Path) -> None:
     assert store.health([health_subject(21)])[health_subject(21)].colour == "red"
 
 
-def test_roster_removes_missing_keeps_rejected(store: FeedStore, tmp_path: Path) -> None:
+def test_roster_removes_missing_keeps_rejected(store: FeedBackend, tmp_path: Path) -> None:
     import_roster(store, FEEDS / "roster.csv")
     header = "site,subject,health_subject,display_name,building,unit,role,valid_from,valid_until\n"
     second = tmp_path / "second.csv"
@@ -167,7 +208,7 @@ def test_roster_removes_missing_keeps_rejected(store: FeedStore, tmp_path: Path)
     assert sorted(row.subject for row in store.residents("XH-0012")) == [subject(1), subject(3)]
 
 
-def test_unreadable_feed_stores_nothing(store: FeedStore, tmp_path: Path) -> None:
+def test_unreadable_feed_stores_nothing(store: FeedBackend, tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text('[{"health_subject": "x"} {"a": 1}]', encoding="utf-8")
 
@@ -227,6 +268,23 @@ def test_store_migrates_once_beside_hub(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
+def test_postgres_store_migrates_once_beside_hub(postgres_url: str) -> None:
+    PostgresHubStore(postgres_url).close()
+    PostgresFeedStore(postgres_url).close()
+    with PostgresFeedStore(postgres_url) as store:
+        assert store.schema_version() == len(PG_MIGRATIONS)
+    with PostgresHubStore(postgres_url) as hub:
+        assert hub.schema_version() == len(PG_HUB_MIGRATIONS)
+
+    with psycopg.connect(postgres_url) as db:
+        rows = db.execute("SELECT version FROM feeds_migrations ORDER BY version").fetchall()
+    assert rows == [(version,) for version in range(1, len(PG_MIGRATIONS) + 1)]
+
+
+def test_both_backends_have_same_feed_migrations() -> None:
+    assert len(PG_MIGRATIONS) == len(MIGRATIONS)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -238,9 +296,11 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return result, output.getvalue()
 
 
-def test_cli_import_exit_codes(tmp_path: Path) -> None:
+def test_cli_import_exit_codes(store_value: str, tmp_path: Path) -> None:
     config = tmp_path / "hub.toml"
-    config.write_text('store = "hub.db"\ndistrict_key_file = "district.key"\n', encoding="utf-8")
+    config.write_text(
+        f'store = "{store_value}"\ndistrict_key_file = "district.key"\n', encoding="utf-8"
+    )
     good = tmp_path / "good.csv"
     shutil.copy(FEEDS / "roster-bom.csv", good)
 
@@ -269,7 +329,7 @@ def test_cli_import_exit_codes(tmp_path: Path) -> None:
     assert "Line 3: invalid_colour:" in output
 
 
-def test_roster_wrong_cell_count_keeps_resident(store: FeedStore, tmp_path: Path) -> None:
+def test_roster_wrong_cell_count_keeps_resident(store: FeedBackend, tmp_path: Path) -> None:
     import_roster(store, FEEDS / "roster.csv")
     header = "site,subject,health_subject,display_name,building,unit,role,valid_from,valid_until\n"
     second = tmp_path / "second.csv"

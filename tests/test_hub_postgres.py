@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import base64
 import json
+import secrets
 import signal
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,11 +20,16 @@ import pytest
 from nacl.signing import SigningKey
 from structlog.testing import capture_logs
 
+from edgenode.cache import Cache
 from edgenode.config import SyncConfig
+from edgenode.district import KEY_FILES, write_key
 from edgenode.district_cli import DistrictError
 from edgenode.feeds_cli import add_commands as add_feeds_commands
 from edgenode.i18n import translator
 from sync.alarms import AlarmChecker
+from sync.connection import Connection
+from sync.downlink import Downlink
+from sync.feeds_pg import PostgresFeedStore
 from sync.hub import Hub
 from sync.hub_store_pg import PostgresHubStore
 from sync.report import REPORT_TIMEZONE, hourly_report
@@ -41,6 +47,7 @@ from tests.test_hub import (
     wait_until,
 )
 from tests.test_hub import run_cli as run_hub_cli
+from tests.test_publisher import HEADER
 from tests.test_report import run_cli as run_report_cli
 
 __all__ = ["broker", "postgres_server", "postgres_url"]
@@ -231,9 +238,11 @@ def test_cli_commands_on_postgres(
     assert run_report_cli(["alarms", "--config", str(config), "--json"]) == 0
 
     feed = tmp_path / "roster.csv"
-    feed.write_text("site,subject\n", encoding="utf-8")
-    with pytest.raises(DistrictError, match="needs a SQLite store file"):
-        run_feeds_cli(["import", "roster", "--config", str(config), str(feed)])
+    subject = secrets.token_hex(16)
+    feed.write_text(HEADER + roster_line("S1", subject), encoding="utf-8")
+    assert run_feeds_cli(["import", "roster", "--config", str(config), str(feed)]) == 0
+    with PostgresFeedStore(postgres_url) as store:
+        assert [row.subject for row in store.residents("S1")] == [subject]
 
 
 def test_serve_reports_unreachable_postgres(broker: Broker, tmp_path: Path) -> None:
@@ -248,6 +257,95 @@ def test_serve_reports_unreachable_postgres(broker: Broker, tmp_path: Path) -> N
     assert process.returncode == 1, output
     assert "cannot connect to the PostgreSQL store" in output
     assert "secret-password" not in output
+
+
+def test_feed_cli_reports_unreachable_postgres(broker: Broker, tmp_path: Path) -> None:
+    url = f"postgresql://hub:secret-password@127.0.0.1:{free_port()}/edgenode"
+    config = write_hub_config(tmp_path, broker, SigningKey.generate(), "down", url)
+    feed = tmp_path / "roster.csv"
+    feed.write_text(HEADER, encoding="utf-8")
+
+    with pytest.raises(DistrictError, match="cannot connect to the PostgreSQL store") as raised:
+        run_feeds_cli(["import", "roster", "--config", str(config), str(feed)])
+    assert "secret-password" not in str(raised.value)
+
+
+def roster_line(site: str, subject: str) -> str:
+    return f"{site},{subject},{subject[::-1]},张三丰,,1,101,resident,2026-01-01,2036-01-01\n"
+
+
+def test_serve_answers_snapshot_request_from_postgres(
+    broker: Broker, postgres_url: str, tmp_path: Path
+) -> None:
+    """Import and publish with the CLI into PostgreSQL, then a ``serve`` process sends a gate
+    the snapshot it requests, and the next delta reaches the gate too."""
+    district_key, gate_key = SigningKey.generate(), SigningKey.generate()
+    config = write_hub_config(tmp_path, broker, district_key, "feeds", postgres_url)
+    for role in ("health", "community"):
+        write_key(tmp_path / KEY_FILES[role], SigningKey.generate())
+    site = "XH-pg-serve"
+    public_key = base64.b64encode(bytes(gate_key.verify_key)).decode("ascii")
+    device = ["--site", site, "--device", "gate-01"]
+    add = ["devices", "add", "--config", str(config), *device, "--public-key", public_key]
+    assert run_hub_cli(add) == 0
+    roster = tmp_path / "roster.csv"
+    first, joining = secrets.token_hex(16), secrets.token_hex(16)
+    roster.write_text(HEADER + roster_line(site, first), encoding="utf-8")
+    assert run_feeds_cli(["import", "roster", "--config", str(config), str(roster)]) == 0
+    publish = ["publish", "--config", str(config), "--site", site]
+    # Version 1 is published before the gate connects, so only a request brings it.
+    assert run_feeds_cli(publish) == 0
+
+    process = start_serve(config)
+    log_path = config.with_suffix(".log")
+    sync = SyncConfig(enabled=True, broker_host=broker.host, broker_port=broker.port, keepalive_s=5)
+    gate = Connection(sync, site=site, device="gate-01", backoff_base_s=0.1)
+    downlink = Downlink(
+        gate,
+        site=site,
+        device="gate-01",
+        cache_path=tmp_path / "gate" / "cache.db",
+        state_dir=tmp_path / "gate",
+        district_keys=[bytes(district_key.verify_key)],
+        signing_key=gate_key,
+        stall_s=10.0,
+    )
+
+    def serve_connected() -> bool:
+        return "broker_connected" in log_path.read_text(encoding="utf-8", errors="replace")
+
+    try:
+
+        async def scenario() -> None:
+            await wait_until(serve_connected, 30, "serve connected to the broker")
+            async with running(gate.run(), downlink.run()):
+                await wait_until(lambda: gate.connected, 15, "the gate connected")
+                await downlink.request_snapshot()
+                await wait_until(lambda: downlink.status()["version"] == 1, 30, "snapshot 1")
+
+                roster.write_text(
+                    HEADER + roster_line(site, first) + roster_line(site, joining),
+                    encoding="utf-8",
+                )
+                imported = await asyncio.to_thread(
+                    run_feeds_cli, ["import", "roster", "--config", str(config), str(roster)]
+                )
+                assert imported == 0
+                assert await asyncio.to_thread(run_feeds_cli, publish) == 0
+                await wait_until(lambda: downlink.status()["version"] == 2, 30, "delta 2")
+
+        asyncio.run(scenario())
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+    finally:
+        stop_all([process])
+    output = log_path.read_text(encoding="utf-8", errors="replace")
+    assert process.returncode == 0, output
+    assert "snapshot_requested" in output
+    assert "requests_not_served" not in output
+    assert downlink.rejections == {}
+    with Cache(tmp_path / "gate" / "cache.db") as cache:
+        assert cache.resident(bytes.fromhex(joining)) is not None
 
 
 def run_feeds_cli(argv: list[str]) -> int:

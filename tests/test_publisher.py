@@ -4,6 +4,9 @@ Each scenario runs a gate (its Connection and a Downlink over its own cache) and
 district's side: a Publisher on its own Connection. The hub routes gates' requests to the
 publisher, and here a stand-in does the same: it subscribes to the site's request topic,
 checks the gate's signature and calls ``Publisher.handle_request``.
+
+The scenarios run on both store backends: a SQLite file and a PostgreSQL database on the
+server that tests/postgres.py starts (skipped without one, except under ``CI=true``).
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import argparse
 import asyncio
 import io
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import psycopg
+import pytest
 from nacl.signing import SigningKey
 
 from edgenode.cache import Cache
@@ -32,31 +38,50 @@ from edgenode.i18n import translator
 from sync.connection import Connection
 from sync.delta import DeltaReader
 from sync.downlink import Downlink
-from sync.feeds import FeedStore, import_health, import_roster
+from sync.feed_backend import Transfer, open_feed_store
+from sync.feeds import import_health, import_roster
+from sync.feeds_pg import PostgresFeedStore
 from sync.hub import HUB_SITE
 from sync.protocol import Topics, decode_message, trusted
 from sync.publisher import IssuerKey, Publisher, Publishing
+from sync.store_backend import PostgresUrl, StoreLocation
 from tests.broker import Broker, broker
+from tests.postgres import postgres_server, postgres_url
 
-__all__ = ["broker"]
+__all__ = ["broker", "location", "postgres_server", "postgres_url"]
 
 DEVICE = "gate-01"
 WAIT_S = 15.0
 HEADER = "site,subject,health_subject,name,id_number,building,unit,role,valid_from,valid_until\n"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLocation]:
+    """The district's store: ``hub.db`` in the test's folder, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield tmp_path / "hub.db"
+    else:
+        yield PostgresUrl(request.getfixturevalue("postgres_url"))
+
+
 @dataclass
 class District:
-    """The feed store, keys and publisher of one test's district, for one site."""
+    """The feed store, keys and publisher of one test's district, for one site.
+
+    The store is ``store_location``, by default ``hub.db`` in ``folder``.
+    """
 
     folder: Path
+    store_location: StoreLocation | None = None
     site: str = field(default_factory=lambda: f"XH-{uuid.uuid4().hex[:6]}")
     district_key: SigningKey = field(default_factory=SigningKey.generate)
     health_key: SigningKey = field(default_factory=SigningKey.generate)
     gate_key: SigningKey = field(default_factory=SigningKey.generate)
 
     def __post_init__(self) -> None:
-        self.store = FeedStore(self.folder / "hub.db")
+        if self.store_location is None:
+            self.store_location = self.folder / "hub.db"
+        self.store = open_feed_store(self.store_location)
 
     def roster(self, subjects: list[str], name: str = "roster.csv") -> None:
         lines = [
@@ -173,8 +198,10 @@ def hex_subjects(count: int) -> list[str]:
     return [secrets.token_hex(16) for _ in range(count)]
 
 
-def test_snapshot_then_delta_reach_gate(broker: Broker, tmp_path: Path) -> None:
-    district = District(tmp_path)
+def test_snapshot_then_delta_reach_gate(
+    broker: Broker, location: StoreLocation, tmp_path: Path
+) -> None:
+    district = District(tmp_path, location)
     staying, leaving, joining = hex_subjects(3), hex_subjects(1)[0], hex_subjects(1)[0]
     district.roster([*staying, leaving])
     district.health(staying[0][::-1], "绿")
@@ -215,14 +242,10 @@ def test_snapshot_then_delta_reach_gate(broker: Broker, tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_delta_contains_only_changes(tmp_path: Path) -> None:
-    district = District(tmp_path)
+def test_delta_contains_only_changes(location: StoreLocation, tmp_path: Path) -> None:
+    district = District(tmp_path, location)
     subjects = hex_subjects(5)
     district.roster(subjects)
-
-    class Offline:
-        async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-            raise AssertionError("nothing is sent in this test")
 
     publisher = district.publisher(Offline())
     publisher.build(district.site)
@@ -243,8 +266,10 @@ def test_delta_contains_only_changes(tmp_path: Path) -> None:
     assert publisher.published_version(district.site) == 3
 
 
-def test_missing_chunks_request_answered(broker: Broker, tmp_path: Path) -> None:
-    district = District(tmp_path)
+def test_missing_chunks_request_answered(
+    broker: Broker, location: StoreLocation, tmp_path: Path
+) -> None:
+    district = District(tmp_path, location)
     district.roster(hex_subjects(40))
 
     async def scenario() -> None:
@@ -265,8 +290,8 @@ def test_missing_chunks_request_answered(broker: Broker, tmp_path: Path) -> None
     run(scenario)
 
 
-def test_snapshot_request_answered(broker: Broker, tmp_path: Path) -> None:
-    district = District(tmp_path)
+def test_snapshot_request_answered(broker: Broker, location: StoreLocation, tmp_path: Path) -> None:
+    district = District(tmp_path, location)
     district.roster(hex_subjects(3))
 
     async def scenario() -> None:
@@ -296,16 +321,19 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return result, output.getvalue()
 
 
-def test_cli_publish_snapshot_then_delta(broker: Broker, tmp_path: Path) -> None:
+def test_cli_publish_snapshot_then_delta(
+    broker: Broker, location: StoreLocation, tmp_path: Path
+) -> None:
     for name in KEY_FILES.values():
         write_key(tmp_path / name, SigningKey.generate())
+    store_value = location.url if isinstance(location, PostgresUrl) else location.name
     config = tmp_path / "hub.toml"
     config.write_text(
-        'store = "hub.db"\ndistrict_key_file = "district.key"\n'
+        f'store = "{store_value}"\ndistrict_key_file = "district.key"\n'
         f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nkeepalive_s = 5\n',
         encoding="utf-8",
     )
-    district = District(tmp_path)
+    district = District(tmp_path, location)
     district.roster(hex_subjects(2))
     publish = ["publish", "--config", str(config), "--site", district.site]
 
@@ -323,3 +351,90 @@ def test_cli_publish_snapshot_then_delta(broker: Broker, tmp_path: Path) -> None
     code, output = run_cli([*publish, "--snapshot"])
     assert code == 0
     assert output.splitlines()[-1].startswith("Published snapshot version 3 ")
+
+
+class Offline:
+    """A connection for builds that send nothing."""
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        raise AssertionError("nothing is sent in this test")
+
+
+def test_concurrent_builds_make_consecutive_versions(
+    location: StoreLocation, tmp_path: Path
+) -> None:
+    district = District(tmp_path, location)
+    district.roster(hex_subjects(20))
+    builds_per_thread = 5
+    # Two publishers, each over its own store connection, as two hub processes have.
+    publishers = [district.publisher(Offline())]
+    second = District(tmp_path, location, site=district.site, district_key=district.district_key)
+    publishers.append(second.publisher(Offline()))
+    start = threading.Barrier(len(publishers), timeout=WAIT_S)
+    built: list[list[Transfer]] = [[] for _ in publishers]
+    failures: list[BaseException] = []
+
+    def build_all(index: int) -> None:
+        try:
+            start.wait()
+            for _ in range(builds_per_thread):
+                built[index].append(publishers[index].build(district.site))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=build_all, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a build did not finish in 60 s"
+
+    assert failures == []
+    versions = sorted(transfer.version for transfers in built for transfer in transfers)
+    assert versions == list(range(1, 2 * builds_per_thread + 1))
+    for transfers in built:
+        own = [transfer.version for transfer in transfers]
+        assert own == sorted(own)
+    for transfer in [transfer for transfers in built for transfer in transfers]:
+        if transfer.kind == "delta":
+            assert transfer.base_version == transfer.version - 1
+    assert publishers[0].published_version(district.site) == 2 * builds_per_thread
+
+
+def test_postgres_build_waits_for_site_lock(postgres_url: str, tmp_path: Path) -> None:
+    district = District(tmp_path, PostgresUrl(postgres_url))
+    district.roster(hex_subjects(3))
+    publisher = district.publisher(Offline())
+    holder = PostgresFeedStore(postgres_url)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        locked.set()
+        release.wait(WAIT_S)
+
+    holding = threading.Thread(target=holder.publish_transaction, args=(district.site, hold_lock))
+    holding.start()
+    assert locked.wait(WAIT_S)
+    built: list[Transfer] = []
+    building = threading.Thread(target=lambda: built.append(publisher.build(district.site)))
+    building.start()
+    try:
+        # The build's connection shows up in pg_locks as waiting for the site's advisory lock.
+        deadline = time.monotonic() + WAIT_S
+        with psycopg.connect(postgres_url, autocommit=True) as observer:
+            while True:
+                row = observer.execute(
+                    "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ).fetchone()
+                if row is not None and row[0] == 1:
+                    break
+                assert time.monotonic() < deadline, "the build never waited for the site lock"
+                time.sleep(0.05)
+        assert built == []
+    finally:
+        release.set()
+        holding.join(timeout=WAIT_S)
+        building.join(timeout=WAIT_S)
+        holder.close()
+
+    assert [(transfer.kind, transfer.version) for transfer in built] == [("snapshot", 1)]
