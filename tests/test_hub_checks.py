@@ -26,11 +26,13 @@ from sync.downlink import Downlink
 from sync.hub import Hub
 from sync.hub_store import GENESIS_HASH_HEX, BatchResult, HubStore, WireRecord, parse_records
 from sync.protocol import Topics, decode_message, encode_message, trusted
+from sync.store_backend import StoreLocation, open_store
 from tests.broker import Broker, broker
+from tests.postgres import postgres_server, postgres_url
 from tests.test_hub import wire_record
-from tests.test_publisher import District, hex_subjects
+from tests.test_publisher import District, hex_subjects, location
 
-__all__ = ["broker"]
+__all__ = ["broker", "location", "postgres_server", "postgres_url"]
 
 WAIT_S = 15.0
 
@@ -337,15 +339,17 @@ def test_chain_break_raises_alarm(broker: Broker, tmp_path: Path) -> None:
     assert hub.alarms[0]["seqs"] == [2]
 
 
-def test_hub_serves_gate_snapshot_request(broker: Broker, tmp_path: Path) -> None:
-    district = District(tmp_path)
+def test_hub_serves_gate_snapshot_request(
+    broker: Broker, location: StoreLocation, tmp_path: Path
+) -> None:
+    district = District(tmp_path, location)
     district.roster(hex_subjects(3))
-    with HubStore(district.folder / "hub.db") as store:
+    with open_store(location) as store:
         store.register_device(district.site, "gate-01", bytes(district.gate_key.verify_key))
     sync = hub_sync(broker)
     hub = Hub(
         sync,
-        store_path=district.folder / "hub.db",
+        store_path=location,
         district_key=district.district_key,
         hub_id=f"test-{secrets.token_hex(3)}",
     )
