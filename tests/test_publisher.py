@@ -44,7 +44,7 @@ from sync.feeds_pg import PostgresFeedStore
 from sync.hub import HUB_SITE
 from sync.protocol import Topics, decode_message, trusted
 from sync.publisher import IssuerKey, Publisher, Publishing
-from sync.store_backend import PostgresUrl, StoreLocation
+from sync.store_backend import PostgresUrl, StoreLocation, StoreUnavailable
 from tests.broker import Broker, broker
 from tests.postgres import postgres_server, postgres_url
 
@@ -438,3 +438,20 @@ def test_postgres_build_waits_for_site_lock(postgres_url: str, tmp_path: Path) -
         holder.close()
 
     assert [(transfer.kind, transfer.version) for transfer in built] == [("snapshot", 1)]
+
+
+def test_postgres_build_after_connection_loss(postgres_url: str, tmp_path: Path) -> None:
+    district = District(tmp_path, PostgresUrl(postgres_url))
+    district.roster(hex_subjects(3))
+    publisher = district.publisher(Offline())
+    assert isinstance(district.store, PostgresFeedStore)
+    backend_pid = district.store._session.connect().info.backend_pid
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+
+    with pytest.raises(StoreUnavailable, match="lost the connection"):
+        publisher.build(district.site)
+
+    # Nothing of the failed build was committed, and the next build connects again.
+    assert publisher.published_version(district.site) is None
+    assert publisher.build(district.site).version == 1
