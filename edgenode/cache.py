@@ -593,10 +593,12 @@ class Cache:
         if conn is None:
             return None
         row = conn.execute(
-            "SELECT colour, as_of FROM health_status WHERE subject = ? OR subject IN "
-            "(SELECT health_subject FROM bindings WHERE resident_subject = ?) "
+            # An IN over a UNION keeps both lookups on their keys. "subject = ? OR subject IN
+            # (...)" made SQLite scan the whole health_status table.
+            "SELECT colour, as_of FROM health_status WHERE subject IN "
+            "(SELECT ?1 UNION ALL SELECT health_subject FROM bindings WHERE resident_subject = ?1) "
             "ORDER BY as_of DESC LIMIT 1",
-            (resident_subject, resident_subject),
+            (resident_subject,),
         ).fetchone()
         return None if row is None else HealthStatus(Colour(row[0]), row[1])
 

@@ -30,11 +30,16 @@ HEALTH_KEY = SigningKey(bytes(range(32)))
 TOKEN = hashlib.sha256(b"platform token 0").digest()
 REVOKED_CODE_ID = bytes.fromhex("0123456789abcdef0123456789abcdef")
 ROSTER = generate_roster(40, seed=7)
+# The keyed hash of one resident's ID number, as the district's roster import stores it.
+ID_HASH = hashlib.sha256(b"id number of resident 3").digest()
 
 
 def records() -> Iterator[dict[str, Any]]:
     yield issuer_record(HEALTH_KEY, ["health"], NOW - 3600, NOW + 3600)
-    yield from roster_records(ROSTER, SITE, NOW - 3600, NOW + 3600, NOW - 60)
+    for record in roster_records(ROSTER, SITE, NOW - 3600, NOW + 3600, NOW - 60):
+        if record["dataset"] == "residents" and record["subject"] == ROSTER[3].subject.hex():
+            record = {**record, "id_hash": ID_HASH.hex()}
+        yield record
     for number in range(20):
         code_id = REVOKED_CODE_ID if number == 0 else number.to_bytes(16, "big")
         yield {"dataset": "revocations", "code_id": code_id.hex(), "revoked_at": NOW - 60}
@@ -57,6 +62,8 @@ LOOKUPS: dict[str, Callable[[], bytes]] = {
     "bound_resident": lambda: ROSTER[3].health_subject,
     "is_revoked": lambda: REVOKED_CODE_ID,
     "platform_token": lambda: TOKEN,
+    "resident_by_id_hash": lambda: ID_HASH,
+    "latest_health_status_of": lambda: ROSTER[3].subject,
 }
 
 
@@ -107,6 +114,12 @@ def is_key_search(detail: str) -> bool:
     )
 
 
+def reads_table(detail: str) -> bool:
+    """Whether a plan line reads a table. Sorting the few rows found (USE TEMP B-TREE) and the
+    structure of a subquery (LIST SUBQUERY, COMPOUND QUERY, UNION ALL) read none."""
+    return detail.startswith(("SEARCH ", "SCAN ")) and detail != "SCAN CONSTANT ROW"
+
+
 @pytest.mark.parametrize("method", sorted(LOOKUPS))
 def test_lookup_searches_by_key(cache_path: Path, method: str) -> None:
     with Cache(cache_path) as cache:
@@ -115,9 +128,10 @@ def test_lookup_searches_by_key(cache_path: Path, method: str) -> None:
     assert result not in (None, False), f"Cache.{method} found nothing; the fixture is wrong"
     assert len(statements) == 1, f"Cache.{method} ran {statements}, expected one query"
     plan = query_plan(cache_path, statements[0])
-    assert plan, f"no query plan for {statements[0]}"
-    for detail in plan:
-        assert "SCAN" not in detail, f"Cache.{method} scans: {detail} for {statements[0]}"
+    accesses = [detail for detail in plan if reads_table(detail)]
+    assert accesses, f"no table access in the plan of {statements[0]}: {plan}"
+    for detail in accesses:
+        assert not detail.startswith("SCAN"), f"Cache.{method} scans: {detail}"
         assert is_key_search(detail), f"Cache.{method} is not a key search: {detail}"
 
 
