@@ -14,7 +14,7 @@ its publish to the arrival of its ack at the gate. After each run the script cou
 stored records, and a run where any record is missing or stored twice fails.
 
 Run from the repository root:
-    .venv/bin/python benchmarks/hub_ingest.py [--stores sqlite,postgresql] [--output FILE]
+    .venv/bin/python benchmarks/bench_hub_ingest.py [--stores sqlite,postgresql] [--output FILE]
 """
 
 from __future__ import annotations
