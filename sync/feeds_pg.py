@@ -217,6 +217,10 @@ class PostgresFeedStore:
         The lock is taken first, and the default READ COMMITTED isolation gives each later
         statement a fresh snapshot, so ``work`` reads the version that the previous holder
         committed.
+
+        NOTE: unlike SQLite's BEGIN IMMEDIATE, this lock does not hold back feed imports. An
+        import that commits while a build runs may be seen in part (the residents read before
+        it, the statuses after), and the next build publishes the rest.
         """
         if self._transaction is not None:
             raise RuntimeError("publish_transaction cannot be nested")
