@@ -7,7 +7,8 @@ district key, on ``edgenode/v1/{site}/district/alarms`` when it has a connection
 
 Alarm kinds:
 
-- ``red_code``: a deny whose reasons include ``health_red``.
+- ``red_code``: a deny whose reasons include ``health_red``, unless the code's signature was
+  not verified (``UNVERIFIED_REASONS``).
 - ``code_sharing``: one community subject admitted at two different gates of a site within
   ``sharing_window_s`` of each other, by the gates' ``recorded_at``.
 - ``device_silent``: a registered, enabled gate whose last record arrived (``received_at``)
@@ -35,8 +36,8 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from nacl.signing import SigningKey
 
+from edgenode.district_keyring import DistrictKeySource, current_key
 from sync.connection import Connection, NotConnected
 from sync.hub_store import Device, WireRecord
 from sync.protocol import TOPIC_ROOT, encode_message
@@ -50,6 +51,9 @@ SILENT_AFTER_S = 3600.0
 REPEAT_INTERVAL_S = 600.0
 REASON_HEALTH_RED = "health_red"
 REASON_CACHE_STALE = "cache_stale"
+# A red colour read from a code whose signature was not verified is only a claim: it raises
+# no red_code alarm, because anyone can print a red code naming someone else's subject.
+UNVERIFIED_REASONS = frozenset({"unknown_issuer", "issuer_key_not_valid", "bad_signature"})
 
 
 class AlarmKind(StrEnum):
@@ -154,7 +158,9 @@ def red_code_alarms(records: Iterable[StoredRecord], now: float) -> list[Alarm]:
             now,
         )
         for record in records
-        if record.verdict == "deny" and REASON_HEALTH_RED in record.reasons
+        if record.verdict == "deny"
+        and REASON_HEALTH_RED in record.reasons
+        and not UNVERIFIED_REASONS.intersection(record.reasons)
     ]
 
 
@@ -272,7 +278,7 @@ class AlarmChecker:
         silent_after_s: float = SILENT_AFTER_S,
         repeat_interval_s: float = REPEAT_INTERVAL_S,
         connection: Connection | None = None,
-        district_key: SigningKey | None = None,
+        district_key: DistrictKeySource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if connection is not None and district_key is None:
@@ -329,7 +335,7 @@ class AlarmChecker:
             return 0
         sent = 0
         for alarm in alarms:
-            payload = encode_message(alarm.message(), self._district_key)
+            payload = encode_message(alarm.message(), current_key(self._district_key))
             try:
                 await self.connection.publish(alarm_topic(alarm.site), payload)
             except NotConnected as exc:

@@ -162,6 +162,14 @@ def test_red_code_ignores_other_denies(site: Site) -> None:
     assert checker.check_batch(site.gates["gate-a"], records) == []
 
 
+@pytest.mark.parametrize("unverified", ["unknown_issuer", "issuer_key_not_valid", "bad_signature"])
+def test_red_code_ignores_unverified_code(site: Site, unverified: str) -> None:
+    checker = site.checker()
+    records = site.store_batch("gate-a", [record(1, "deny", T0, unverified, "health_red")], T0)
+
+    assert checker.check_batch(site.gates["gate-a"], records) == []
+
+
 # --- code sharing ---
 
 
