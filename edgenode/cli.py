@@ -252,7 +252,9 @@ def _cmd_journal_verify(args: argparse.Namespace) -> int:
                     seq=problem.seq, problem=problem.problem
                 )
             )
-        print(tr.gettext("The journal chain is broken: {n} problems.").format(n=len(problems)))
+        print(
+            tr.gettext("The journal chain is broken. Problems found: {n}.").format(n=len(problems))
+        )
         return EXIT_FAILED
     print(tr.gettext("The journal chain is intact: {n} records.").format(n=count))
     if anchor.purged_records:
@@ -623,6 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc) if template is None else args.tr.gettext(template).format(path=exc.path)
         print(message, file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of a pipe stopped early (``edgenode cache status | head``). Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     return result
 
 

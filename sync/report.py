@@ -12,6 +12,7 @@ A deny is counted once, under its first reason. Gates order reasons worst first
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 from collections.abc import Iterable, Iterator, Sequence
@@ -323,6 +324,10 @@ def write_chart(
     matplotlib.use("Agg")
     from matplotlib import font_manager
     from matplotlib import pyplot as plt
+
+    # matplotlib logs "findfont: Failed to find font weight normal" for each weight that a CJK
+    # collection (.ttc) does not list under the family's name, although the glyphs are drawn.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
     gates = list(_gate_hours(rows))
     if not gates:

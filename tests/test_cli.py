@@ -166,3 +166,23 @@ def test_scan_json_has_the_documented_fields(
     assert verdict["verdict"] == "incomplete"
     assert verdict["reasons"] == ["missing_community_code"]
     assert isinstance(verdict["latency_ms"], float)
+
+
+def test_output_to_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    example = root / "config" / "edgenode.example.toml"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgenode.cli", "config", "check", str(example)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # The reader is gone before the command prints.
+    _, stderr = process.communicate(timeout=60)
+
+    assert b"Traceback" not in stderr
+    assert process.returncode == 0
