@@ -109,7 +109,7 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     return {
         "device": config.device.id,
         "site": config.device.site,
-        "connection_state": "unknown" if stale or state is None else state["connection_state"],
+        "connection_state": _connection_state(config, state, stale),
         "last_error": None if state is None else state.get("last_error"),
         "state_file_age_s": state_age_s,
         "backlog": backlog,
@@ -119,6 +119,12 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
         "clock_skew_s": None if state is None else state.get("clock_skew_s"),
         "outbox_alarm": bool(state and state.get("outbox_alarm")),
     }
+
+
+def _connection_state(config: Config, state: dict[str, Any] | None, stale: bool) -> str:
+    if not config.sync.enabled:
+        return "disabled"
+    return "unknown" if stale or state is None else str(state["connection_state"])
 
 
 def _cmd_sync_status(args: argparse.Namespace) -> int:
@@ -146,7 +152,9 @@ def format_status(status: dict[str, Any], tr: Translator) -> list[str]:
         )
     ]
     age = status["state_file_age_s"]
-    if status["connection_state"] == "unknown":
+    if status["connection_state"] == "disabled":
+        lines.append(tr.gettext("Connection: sync is disabled in the config ([sync] enabled)"))
+    elif status["connection_state"] == "unknown":
         if age is None:
             lines.append(tr.gettext("Connection: unknown (no state file: is the daemon running?)"))
         else:

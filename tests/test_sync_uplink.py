@@ -414,7 +414,8 @@ def test_sync_status_reads_state_file(broker: Broker, tmp_path: Path) -> None:
     ingest.acking = False
     config_path = tmp_path / "edgenode.toml"
     config_path.write_text(
-        f'[device]\nid = "gate-01"\nsite = "up-status"\nstate_dir = "{gate.state_dir}"\n',
+        f'[device]\nid = "gate-01"\nsite = "up-status"\nstate_dir = "{gate.state_dir}"\n'
+        f'[sync]\nenabled = true\nbroker_host = "{broker.host}"\nbroker_port = {broker.port}\n',
         encoding="utf-8",
     )
 
@@ -438,6 +439,21 @@ def test_sync_status_reads_state_file(broker: Broker, tmp_path: Path) -> None:
     assert "Records not yet acked: 20" in lines
     stale = collect_status(load_config(config_path), now=time.time() + 3_600)
     assert stale["connection_state"] == "unknown"
+
+
+def test_sync_status_says_sync_is_disabled(tmp_path: Path) -> None:
+    config_path = tmp_path / "edgenode.toml"
+    config_path.write_text(
+        f'[device]\nid = "gate-01"\nsite = "S1"\nstate_dir = "{tmp_path / "state"}"\n',
+        encoding="utf-8",
+    )
+    Journal(tmp_path / "state" / "journal.db", "gate-01").close()
+
+    status = collect_status(load_config(config_path))
+
+    assert status["connection_state"] == "disabled"
+    lines = format_status(status, translator("en"))
+    assert "Connection: sync is disabled in the config ([sync] enabled)" in lines
 
 
 # --- outages and crashes (slow) ---
