@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -17,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nacl.signing import SigningKey
-
-from edgenode.district import KeyFileError, read_key
+from edgenode.district import KeyFileError
 from edgenode.district_cli import DistrictError
+from edgenode.district_keyring import DistrictSigner, announced_district_keys
+from edgenode.district_keys import KeyringError
 from edgenode.hub_cli import HubConfig, load_hub_config
 from edgenode.i18n import Translator
 from edgenode.id_numbers import IdLookupKeyError, read_id_lookup_key
@@ -88,8 +89,8 @@ def _print_result(tr: Translator, feed: str, result: ImportResult) -> None:
         )
     for error in result.errors:
         print(
-            tr.gettext("Line {line}: {reason}: {message}").format(
-                line=error.line, reason=error.reason, message=error.message
+            tr.gettext("Line {line} (row {row}): {reason}: {message}").format(
+                line=error.line, row=error.row, reason=error.reason, message=error.message
             )
         )
 
@@ -98,9 +99,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     config = load_hub_config(Path(args.config))
     try:
-        district_key = read_key(config.district_key_file)
+        # The district keyring decides which district key signs and which keys are announced.
+        district_key = DistrictSigner(config.district_key_file)
         issuers = read_issuer_keys(config.district_key_file.parent)
-    except KeyFileError as exc:
+    except (KeyFileError, KeyringError) as exc:
         raise DistrictError(str(exc)) from exc
     with _feed_store(config) as store:
         transfer = asyncio.run(_publish(config, store, district_key, issuers, args))
@@ -125,7 +127,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 async def _publish(
     config: HubConfig,
     store: FeedBackend,
-    district_key: SigningKey,
+    district_key: DistrictSigner,
     issuers: Sequence[IssuerKey],
     args: argparse.Namespace,
 ) -> Transfer:
@@ -143,6 +145,7 @@ async def _publish(
         connection,
         district_key=district_key,
         issuers=issuers,
+        district_keys=functools.partial(announced_district_keys, config.district_key_file),
         valid_for_s=args.valid_for,
     )
     running = asyncio.create_task(connection.run())

@@ -149,11 +149,16 @@ MIGRATIONS: tuple[str, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class RowError:
-    """A rejected feed row: its line in the file, a stable reason code and a message."""
+    """A rejected feed row: its line in the file, a stable reason code and a message.
+
+    ``row`` is the row's number among the data rows, from 1. It tells the rows of a JSON
+    array written on one line apart, where every row has line 1.
+    """
 
     line: int
     reason: str
     message: str
+    row: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,14 +713,13 @@ def import_roster(
         try:
             row = parse_roster_row(raw, id_lookup_key)
         except _BadRow as exc:
-            result.errors.append(RowError(line, exc.reason, str(exc)))
+            result.errors.append(RowError(line, exc.reason, str(exc), done))
             _note_subject(raw, seen)
             continue
         subjects = seen.setdefault(row.site, set())
         if row.subject in subjects:
-            result.errors.append(
-                RowError(line, "duplicate_subject", f"subject {row.subject} is already in the file")
-            )
+            message = f"subject {row.subject} is already in the file"
+            result.errors.append(RowError(line, "duplicate_subject", message, done))
             continue
         subjects.add(row.subject)
         good.append(row)
@@ -759,7 +763,7 @@ def import_health(
         try:
             good.append(parse_health_row(raw))
         except _BadRow as exc:
-            result.errors.append(RowError(line, exc.reason, str(exc)))
+            result.errors.append(RowError(line, exc.reason, str(exc), done))
     bar.finish()
     result.stored = store.store_health(good, now=time.time() if now is None else now)
     return result

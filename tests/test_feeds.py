@@ -175,6 +175,20 @@ def test_roster_json_line_numbers(store: FeedBackend) -> None:
     assert [row.display_name for row in store.residents("XH-0014")] == ["林*"]
 
 
+def test_one_line_json_errors_name_their_row(store: FeedBackend, tmp_path: Path) -> None:
+    compact = tmp_path / "health.json"
+    subject = "ab" * 16
+    compact.write_text(
+        f'[{{"health_subject": "{subject}", "colour": "green", "as_of": 1000}}, '
+        f'{{"health_subject": "{subject}", "colour": "purple", "as_of": 1000}}, 7]',
+        encoding="utf-8",
+    )
+
+    result = import_health(store, compact)
+
+    assert [(error.line, error.row) for error in result.errors] == [(1, 2), (1, 3)]
+
+
 def test_health_json_and_older_status(store: FeedBackend, tmp_path: Path) -> None:
     result = import_health(store, FEEDS / "health.json")
     assert reasons(result.errors) == [(3, "invalid_colour")]
@@ -307,8 +321,8 @@ def test_cli_import_exit_codes(store_value: str, tmp_path: Path) -> None:
     code, output = run_cli(["import", "roster", "--config", str(config), str(FEEDS / "roster.csv")])
     assert code == 1
     assert "Read 7 rows: 2 stored, 5 rejected" in output
-    assert "Line 4: invalid_subject:" in output
-    assert "Line 8: duplicate_subject:" in output
+    assert "Line 4 (row 3): invalid_subject:" in output
+    assert "Line 8 (row 7): duplicate_subject:" in output
 
     code, output = run_cli(["import", "roster", "--config", str(config), str(good)])
     assert code == 0
@@ -326,7 +340,7 @@ def test_cli_import_exit_codes(store_value: str, tmp_path: Path) -> None:
         ]
     )
     assert code == 1
-    assert "Line 3: invalid_colour:" in output
+    assert "Line 3 (row 2): invalid_colour:" in output
 
 
 def test_roster_wrong_cell_count_keeps_resident(store: FeedBackend, tmp_path: Path) -> None:
