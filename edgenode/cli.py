@@ -546,7 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(decode)
     decode.add_argument(
-        "--count", type=int, default=0, help="with --live: stop after this many reads"
+        "--count",
+        type=int,
+        default=0,
+        help="with --live: stop after this many reads (a frame with two codes is one read)",
     )
     decode.add_argument(
         "--seconds", type=float, default=None, help="with --live: stop after this many seconds"
