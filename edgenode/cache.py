@@ -22,19 +22,25 @@ from typing import Any
 
 import sqlite_utils
 
-from edgenode.codes import Colour, Role
-from edgenode.snapshot import DATASETS, SnapshotError, SnapshotHeader, SnapshotReader
+from edgenode.codes import Colour, Role, key_id_for
+from edgenode.snapshot import KNOWN_DATASETS, SnapshotError, SnapshotHeader, SnapshotReader
 from edgenode.sqlite_db import split_statements
 
-SCHEMA_VERSION = 2
-# Numbered schema changes, applied to a version-1 cache before a delta changes it. A snapshot
+SCHEMA_VERSION = 3
+# Numbered schema changes, applied to an older cache before a delta changes it. A snapshot
 # import builds the current schema from scratch. Version 2 adds the keyed hash of the
 # resident's ID number (edgenode/id_numbers.py) and the reverse index of the bindings.
+# Version 3 adds the district keys that the district announces (edgenode/district_trust.py).
 _SCHEMA_MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE residents ADD COLUMN id_hash BLOB;
     CREATE INDEX residents_id_hash ON residents (id_hash) WHERE id_hash IS NOT NULL;
     CREATE INDEX bindings_resident ON bindings (resident_subject);
+    """,
+    3: """
+    CREATE TABLE IF NOT EXISTS district_keys (
+        key_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, valid_from INTEGER NOT NULL,
+        valid_until INTEGER NOT NULL) WITHOUT ROWID;
     """,
 }
 _BATCH = 5_000
@@ -47,6 +53,7 @@ KEY_COLUMNS = {
     "bindings": "health_subject",
     "revocations": "code_id",
     "platform_tokens": "token_hash",
+    "district_keys": "key_id",
 }
 _KEY_LENGTHS = {"key_id": 4, "subject": 16, "health_subject": 16, "code_id": 16, "token_hash": 32}
 
@@ -118,6 +125,9 @@ CREATE TABLE revocations (
 CREATE TABLE platform_tokens (
     token_hash BLOB PRIMARY KEY, subject BLOB NOT NULL, colour INTEGER NOT NULL,
     as_of INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE district_keys (
+    key_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, valid_from INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -192,6 +202,17 @@ def _row(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             "subject": _hex(record, "subject", 16),
             "colour": _colour(record),
             "as_of": int(record["as_of"]),
+        }
+    if dataset == "district_keys":
+        public = _hex(record, "public_key", 32)
+        key_id = _hex(record, "key_id", 4)
+        if key_id != key_id_for(public):
+            raise ValueError("key_id does not match public_key")
+        return dataset, {
+            "key_id": key_id,
+            "public_key": public,
+            "valid_from": int(record["valid_from"]),
+            "valid_until": int(record["valid_until"]),
         }
     raise ValueError(f"unknown dataset {dataset!r}")
 
@@ -418,7 +439,7 @@ def _build(path: Path, reader: SnapshotReader, header: SnapshotHeader, synced_at
         conn.executescript(_SCHEMA)
         db = sqlite_utils.Database(conn)
         counts = dict.fromkeys(header.datasets, 0)
-        pending: dict[str, list[dict[str, Any]]] = {name: [] for name in DATASETS}
+        pending: dict[str, list[dict[str, Any]]] = {name: [] for name in KNOWN_DATASETS}
         for number, record in enumerate(reader.records(), start=1):
             try:
                 table, row = _row(record)

@@ -28,11 +28,12 @@ import structlog
 from nacl.signing import SigningKey
 
 from edgenode.config import Config, load_config
+from edgenode.district_trust import DistrictTrust, unknown_signer_fields
 from edgenode.i18n import N_, Translator, language_from_env, translator
 from edgenode.journal import Journal, JournalError
 from sync.connection import Connection, NotConnected
 from sync.identity import DeviceKeyError, ensure_device_key
-from sync.protocol import MessageError, decode_message, encode_message, trusted
+from sync.protocol import MessageError, decode_message, encode_message
 from sync.uplink import STATE_FILE_NAME, Uplink
 
 log = structlog.get_logger("edgenode.decommission")
@@ -114,16 +115,17 @@ async def request_disable(
     """
     connection = Connection(config.sync, site=config.device.site, device=config.device.id)
     topics = connection.topics
-    district_keys = trusted(*config.trust.district_key_bytes())
+    trust = DistrictTrust(config.trust.district_key_bytes(), config.cache_path)
     confirmed = asyncio.Event()
 
     async def on_message(message: aiomqtt.Message) -> None:
         if not isinstance(message.payload, bytes):
             return
         try:
-            body = decode_message(message.payload, district_keys)
+            body = decode_message(message.payload, trust.key_ids())
         except MessageError as exc:
-            log.warning("confirmation_rejected", reason=exc.reason)
+            explanation = unknown_signer_fields(trust) if exc.reason == "unknown_signer" else {}
+            log.warning("confirmation_rejected", reason=exc.reason, **explanation)
             return
         if (
             body.get("type") == "decommissioned"

@@ -17,6 +17,10 @@ from edgenode.signed_file import FileKind, SignedFileError, SignedFileReader, wr
 
 MAGIC = b"EDGENODE-SNAPSHOT 1\n"
 DATASETS = ("issuers", "health_status", "residents", "bindings", "revocations", "platform_tokens")
+# Datasets a reader accepts. ``district_keys`` is listed in a file's header only after the
+# district's first key rotation, so files from a district that never rotated stay readable by
+# gates that predate it.
+KNOWN_DATASETS = (*DATASETS, "district_keys")
 
 
 class SnapshotError(SignedFileError):
@@ -90,7 +94,7 @@ class SnapshotReader(SignedFileReader):
 
     def check_header(self, raw: Mapping[str, Any]) -> None:
         header = _header_from(raw)
-        unknown = set(header.datasets) - set(DATASETS)
+        unknown = set(header.datasets) - set(KNOWN_DATASETS)
         if unknown:
             raise ValueError(f"unknown datasets: {sorted(unknown)}")
 

@@ -20,7 +20,7 @@ from nacl.signing import SigningKey
 
 from edgenode.cache import KEY_COLUMNS, CacheImportError, DeltaTarget, apply_changes
 from edgenode.signed_file import FileKind, SignedFileError, SignedFileReader, write_signed_file
-from edgenode.snapshot import DATASETS
+from edgenode.snapshot import DATASETS, KNOWN_DATASETS
 
 MAGIC = b"EDGENODE-DELTA 1\n"
 OPS = ("upsert", "delete")
@@ -127,7 +127,7 @@ class DeltaReader(SignedFileReader):
 
     def check_header(self, raw: Mapping[str, Any]) -> None:
         header = _header_from(raw)
-        unknown = set(header.datasets) - set(DATASETS)
+        unknown = set(header.datasets) - set(KNOWN_DATASETS)
         if unknown:
             raise ValueError(f"unknown datasets: {sorted(unknown)}")
         if not 0 < header.base_version < header.version:

@@ -31,9 +31,10 @@ import structlog
 from nacl.signing import SigningKey
 
 from edgenode.cache import Cache, CacheImportError, cache_version, import_snapshot
+from edgenode.district_trust import DistrictTrust, unknown_signer_fields
 from edgenode.snapshot import SnapshotError, SnapshotReader
 from sync.delta import DeltaError, apply_delta, read_delta_header
-from sync.protocol import MessageError, Topics, decode_message, encode_message, trusted
+from sync.protocol import MessageError, Topics, decode_message, encode_message
 
 log = structlog.get_logger("sync.downlink")
 
@@ -238,7 +239,7 @@ class Downlink:
         device: str,
         cache_path: Path,
         state_dir: Path,
-        district_keys: Sequence[bytes],
+        district_keys: Sequence[bytes] | DistrictTrust,
         signing_key: SigningKey,
         clock_skew_alarm_s: float = 120.0,
         stall_s: float = STALL_S,
@@ -250,7 +251,12 @@ class Downlink:
         self.topics = Topics(site, device)
         self.cache_path = cache_path
         self.spool = state_dir / "spool"
-        self.district_keys = list(district_keys)
+        # The config's keys plus the district keys announced in the cache this downlink fills.
+        self.trust = (
+            district_keys
+            if isinstance(district_keys, DistrictTrust)
+            else DistrictTrust(district_keys, cache_path, clock)
+        )
         self.signing_key = signing_key
         self.clock_skew_alarm_s = clock_skew_alarm_s
         self.stall_s = stall_s
@@ -260,7 +266,6 @@ class Downlink:
         self.clock_skew_s: float | None = None
         self.clock_skew_alarms = 0
         self.rejections: Counter[str] = Counter()
-        self._trusted = trusted(*self.district_keys)
         self._lock = asyncio.Lock()
         self._transfers: dict[str, _Transfer] = {}
         self._version = cache_version(cache_path)
@@ -301,7 +306,7 @@ class Downlink:
 
     def _parse(self, payload: bytes) -> Chunk:
         try:
-            body = decode_message(payload, self._trusted)
+            body = decode_message(payload, self.trust.key_ids())
         except MessageError as exc:
             raise ChunkError(exc.reason, str(exc)) from exc
         chunk = parse_chunk(body)
@@ -468,12 +473,13 @@ class Downlink:
         info = transfer.info
         path = transfer.dataset_path
         now = self.clock()
+        keys = self.trust.public_keys()
         try:
             if info.kind == "snapshot":
-                with SnapshotReader(path, self.district_keys) as reader:
+                with SnapshotReader(path, keys) as reader:
                     header_version, header_base = reader.header.version, None
             else:
-                delta_header = read_delta_header(path, self.district_keys)
+                delta_header = read_delta_header(path, keys)
                 header_version, header_base = delta_header.version, delta_header.base_version
         except (SnapshotError, DeltaError) as exc:
             raise CacheImportError(exc.reason, str(exc)) from exc
@@ -484,9 +490,9 @@ class Downlink:
                 f"{info.version} from {info.base_version}",
             )
         if info.kind == "snapshot":
-            import_snapshot(self.cache_path, path, self.district_keys, site=self.site, now=now)
+            import_snapshot(self.cache_path, path, keys, site=self.site, now=now)
         else:
-            apply_delta(self.cache_path, path, self.district_keys, site=self.site, now=now)
+            apply_delta(self.cache_path, path, keys, site=self.site, now=now)
 
     # --- requests to the district ---
 
@@ -594,6 +600,8 @@ class Downlink:
         if held_back is None:
             return
         ids: dict[str, Any] = {"topic": topic} if topic else {}
+        if reason == "unknown_signer":
+            ids |= unknown_signer_fields(self.trust)
         if transfer is not None:
             ids |= {
                 "transfer_id": transfer.transfer_id,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from edgenode.cache import cache_version
 from edgenode.config import Config
+from edgenode.district_trust import DistrictTrust
 from edgenode.pipeline import VerdictEvent
 from sync.connection import Connection, ConnectionState
 from sync.downlink import Downlink
@@ -36,14 +37,16 @@ class SyncService:
         """
         device_key = ensure_device_key(config.device_key_path)
         connection = Connection(config.sync, site=config.device.site, device=config.device.id)
-        uplink = Uplink.from_config(config, connection, device_key)
+        # One trust object for both directions: the config's keys plus the cached announcements.
+        trust = DistrictTrust(config.trust.district_key_bytes(), config.cache_path)
+        uplink = Uplink.from_config(config, connection, device_key, trust)
         downlink = Downlink(
             connection,
             site=config.device.site,
             device=config.device.id,
             cache_path=config.cache_path,
             state_dir=config.device.state_dir,
-            district_keys=config.trust.district_key_bytes(),
+            district_keys=trust,
             signing_key=device_key,
             clock_skew_alarm_s=config.sync.clock_skew_alarm_s,
         )

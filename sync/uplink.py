@@ -33,9 +33,10 @@ import structlog
 from nacl.signing import SigningKey
 
 from edgenode.config import Config, SyncConfig
+from edgenode.district_trust import DistrictTrust, unknown_signer_fields
 from edgenode.journal import Journal, JournalError, OutboxRecord
 from sync.connection import Connection, ConnectionState, NotConnected
-from sync.protocol import MessageError, decode_message, encode_message, trusted
+from sync.protocol import MessageError, decode_message, encode_message
 
 log = structlog.get_logger("sync.uplink")
 
@@ -212,7 +213,7 @@ class Uplink:
         journal_path: Path,
         *,
         device_key: SigningKey,
-        district_keys: Sequence[bytes],
+        district_keys: Sequence[bytes] | DistrictTrust,
         sync: SyncConfig,
         state_path: Path | None = None,
         clock: Callable[[], float] = time.time,
@@ -224,7 +225,11 @@ class Uplink:
         self.state_path = state_path
         self.clock = clock
         self._device_key = device_key
-        self._district_keys = trusted(*district_keys)
+        self.trust = (
+            district_keys
+            if isinstance(district_keys, DistrictTrust)
+            else DistrictTrust(district_keys)
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-journal")
         self._journal: Journal | None = None
         self._outstanding: dict[str, _Batch] = {}
@@ -259,12 +264,21 @@ class Uplink:
         connection.add_state_listener(self._on_connection_state)
 
     @classmethod
-    def from_config(cls, config: Config, connection: Connection, device_key: SigningKey) -> Uplink:
+    def from_config(
+        cls,
+        config: Config,
+        connection: Connection,
+        device_key: SigningKey,
+        trust: DistrictTrust | None = None,
+    ) -> Uplink:
+        """Build the uplink. Without ``trust``, acks are verified with the config's keys and
+        the district keys announced in the config's cache."""
         return cls(
             connection,
             config.journal_path,
             device_key=device_key,
-            district_keys=config.trust.district_key_bytes(),
+            district_keys=trust
+            or DistrictTrust(config.trust.district_key_bytes(), config.cache_path),
             sync=config.sync,
             state_path=config.device.state_dir / STATE_FILE_NAME,
         )
@@ -476,7 +490,7 @@ class Uplink:
             self._reject_ack("bad_body", None)
             return
         try:
-            body = decode_message(payload, self._district_keys)
+            body = decode_message(payload, self.trust.key_ids())
         except MessageError as exc:
             self._reject_ack(exc.reason, None)
             return
@@ -524,11 +538,13 @@ class Uplink:
 
     def _reject_ack(self, reason: str, batch_id: str | None) -> None:
         self.rejected_acks[reason] = self.rejected_acks.get(reason, 0) + 1
+        explanation = unknown_signer_fields(self.trust) if reason == "unknown_signer" else {}
         log.warning(
             "ack_rejected",
             reason=reason,
             batch_id=batch_id,
             rejected_total=self.rejected_acks[reason],
+            **explanation,
         )
 
     def _check_clock(self, district_time: float) -> None:
