@@ -19,8 +19,15 @@ from nacl.signing import SigningKey
 from pydantic import ValidationError
 
 from edgenode.config import DeviceConfig
-from edgenode.district import KeyFileError, read_key
+from edgenode.district import KeyFileError
 from edgenode.district_cli import DistrictError
+from edgenode.district_keyring import (
+    DistrictKeyEntry,
+    DistrictSigner,
+    announced_district_keys,
+    describe_district_keys,
+    rotate_district_key,
+)
 from edgenode.district_keys import (
     ISSUER_ROLES,
     ActiveIssuerKey,
@@ -60,7 +67,12 @@ BUNDLE_ADVICE = {
         "use it, and ask the district for a new one."
     ),
 }
-STATE_WORDS = {"in use": N_("in use"), "retiring": N_("retiring"), "retired": N_("retired")}
+STATE_WORDS = {
+    "in use": N_("in use"),
+    "retiring": N_("retiring"),
+    "retired": N_("retired"),
+    "announced": N_("announced"),
+}
 
 
 def _when(tr: Translator, seconds: int | None) -> str:
@@ -79,9 +91,12 @@ def _key_folder(args: argparse.Namespace) -> tuple[Path, HubConfig]:
 
 def _cmd_keys_show(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
-    folder, _ = _key_folder(args)
+    folder, config = _key_folder(args)
     try:
-        rows = describe_keys(folder, int(time.time()))
+        now = int(time.time())
+        rows = describe_district_keys(config.district_key_file, now) + [
+            row for row in describe_keys(folder, now) if row["role"] != "district"
+        ]
     except (KeyFileError, KeyringError) as exc:
         raise DistrictError(str(exc)) from exc
     if args.json:
@@ -107,6 +122,8 @@ def _cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    if args.role == "district":
+        return _rotate_district_key(args)
     tr: Translator = args.tr
     folder, _ = _key_folder(args)
     overlap_s = int(args.overlap_days * DAY_S)
@@ -124,6 +141,42 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
             "The old key {key_id} is trusted until {end}; run 'edgenode district publish' for "
             "each site now, and again after that time so the gates drop it"
         ).format(key_id=rotation.old.key_id, end=_when(tr, rotation.old.valid_until))
+    )
+    return 0
+
+
+def _rotate_district_key(args: argparse.Namespace) -> int:
+    tr: Translator = args.tr
+    _, config = _key_folder(args)
+    key_file = config.district_key_file
+    try:
+        rotation = rotate_district_key(
+            key_file, overlap_s=int(args.overlap_days * DAY_S), now=int(time.time())
+        )
+    except (KeyFileError, KeyringError) as exc:
+        raise DistrictError(str(exc)) from exc
+    print(
+        tr.gettext(
+            "New district key {key_id} in {file}: the gates receive it with the next dataset "
+            "versions"
+        ).format(key_id=rotation.new.key_id, file=key_file.parent / rotation.new.file)
+    )
+    print(
+        tr.gettext(
+            "The hubs sign with the new key from {start}, and the old key {key_id} is "
+            "announced until {end}. Run 'edgenode district publish' for each site now, and "
+            "again after {end} so the gates drop the old key"
+        ).format(
+            start=_when(tr, rotation.new.signs_from),
+            key_id=rotation.old.key_id,
+            end=_when(tr, rotation.old.valid_until),
+        )
+    )
+    print(
+        tr.gettext(
+            "A gate offline for the whole first half of the overlap rejects the new key's "
+            "data: add the new key to its trust.district_keys"
+        )
     )
     return 0
 
@@ -157,7 +210,11 @@ def _check_gate(args: argparse.Namespace) -> None:
 
 
 def _build_bundle(
-    args: argparse.Namespace, district_key: SigningKey, issuers: list[ActiveIssuerKey], now: int
+    args: argparse.Namespace,
+    district_key: SigningKey,
+    issuers: list[ActiveIssuerKey],
+    now: int,
+    announced: list[DistrictKeyEntry],
 ) -> Bundle:
     try:
         host, port, tls = parse_broker_url(args.broker)
@@ -178,7 +235,7 @@ def _build_bundle(
         device=args.gate,
         station=args.station,
         broker=broker,
-        district_keys=(base64.b64encode(bytes(district_key.verify_key)).decode("ascii"),),
+        district_keys=_bundle_district_keys(district_key, announced),
         issuers=tuple(
             {
                 "role": issuer.role,
@@ -194,6 +251,20 @@ def _build_bundle(
     )
 
 
+def _bundle_district_keys(
+    district_key: SigningKey, announced: list[DistrictKeyEntry]
+) -> tuple[str, ...]:
+    """Return the signing key, then the other announced district keys, in base64.
+
+    During a rotation's overlap the new gate then trusts the old and the new key, as the
+    gates that received the announcement do.
+    """
+    signing = bytes(district_key.verify_key)
+    others = [bytes.fromhex(entry.public_key) for entry in announced]
+    keys = [signing] + [key for key in others if key != signing]
+    return tuple(base64.b64encode(key).decode("ascii") for key in keys)
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
     tr: Translator = args.tr
     folder, config = _key_folder(args)
@@ -205,11 +276,12 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         )
     now = int(time.time())
     try:
-        district_key = read_key(config.district_key_file)
+        district_key = DistrictSigner(config.district_key_file)()
         issuers = active_issuer_keys(folder, now)
+        announced = announced_district_keys(config.district_key_file, now)
     except (KeyFileError, KeyringError) as exc:
         raise DistrictError(str(exc)) from exc
-    bundle = _build_bundle(args, district_key, issuers, now)
+    bundle = _build_bundle(args, district_key, issuers, now, announced)
 
     # The token is stored before the file is written, so a bundle never carries a token that
     # the hub does not know.
@@ -313,10 +385,16 @@ def add_district_commands(district: Any) -> None:
     show.set_defaults(handler=_cmd_keys_show)
 
     rotate = keys.add_parser(
-        "rotate", help="create an issuer's next key; both keys are trusted during the overlap"
+        "rotate",
+        help="create the next issuer or district key; both keys are trusted during the overlap",
     )
     rotate.add_argument("--config", required=True, help="hub TOML config file")
-    rotate.add_argument("--role", required=True, choices=ISSUER_ROLES, help="which issuer")
+    rotate.add_argument(
+        "--role",
+        required=True,
+        choices=(*ISSUER_ROLES, "district"),
+        help="which key: an issuer's, or the district key that signs the gates' data",
+    )
     rotate.add_argument(
         "--overlap-days",
         type=float,

@@ -37,8 +37,9 @@ import structlog
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from edgenode.config import SyncConfig, TlsConfig
-from edgenode.district import KeyFileError, read_key
+from edgenode.district import KeyFileError
 from edgenode.district_cli import DistrictError
+from edgenode.district_keyring import DistrictSigner, announced_district_keys
 from edgenode.district_keys import KeyringError
 from edgenode.i18n import Translator, language_from_env, translator
 from edgenode.logs import configure_logging
@@ -161,9 +162,12 @@ def _resolve_paths(config: HubConfig, folder: Path) -> HubConfig:
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_hub_config(Path(args.config))
     try:
-        district_key = read_key(config.district_key_file)
-    except KeyFileError as exc:
+        # Returns the key that the district keyring selects for this moment, so a running hub
+        # switches to a rotated key at its signs_from time without a restart.
+        district_key = DistrictSigner(config.district_key_file)
+    except (KeyFileError, KeyringError) as exc:
         raise DistrictError(str(exc)) from exc
+    announced = functools.partial(announced_district_keys, config.district_key_file)
     issuers: Callable[[int], list[IssuerKey]] | None
     try:
         read_issuer_keys(config.district_key_file.parent)
@@ -190,7 +194,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # connection, so each request and each batch is handled by one hub of the group.
         if issuers is not None:
             hub.publisher = Publisher(
-                feeds, hub.connection, district_key=district_key, issuers=issuers
+                feeds,
+                hub.connection,
+                district_key=district_key,
+                issuers=issuers,
+                district_keys=announced,
             )
         hub.alarm_checker = AlarmChecker(
             config.store, connection=hub.connection, district_key=district_key

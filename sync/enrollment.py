@@ -32,6 +32,7 @@ import aiomqtt
 import structlog
 from nacl.signing import SigningKey
 
+from edgenode.district_keyring import DistrictKeySource, current_key
 from sync.hub_store import PUBLIC_KEY_BYTES, Device, TokenRejected
 from sync.protocol import (
     HEADER_LEN,
@@ -124,7 +125,7 @@ class EnrollmentService:
         self,
         connection: Publishing,
         *,
-        district_key: SigningKey,
+        district_key: DistrictKeySource,
         in_store: Callable[[Callable[[], Device]], Awaitable[Device]],
         store: Callable[[], TokenStore],
         on_rejected: Callable[[str, str, str], None],
@@ -198,7 +199,8 @@ class EnrollmentService:
         }
         try:
             await self.connection.publish(
-                Topics(site, device).enroll_results, encode_message(body, self.district_key)
+                Topics(site, device).enroll_results,
+                encode_message(body, current_key(self.district_key)),
             )
         except (
             Exception

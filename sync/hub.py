@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 
 import aiomqtt
 import structlog
-from nacl.signing import SigningKey
 
 from edgenode.config import SyncConfig
+from edgenode.district_keyring import DistrictKeySource, current_key
 from sync.alarms import Alarm, AlarmChecker, AlarmKind
 from sync.connection import Connection, NotConnected
 from sync.enrollment import ENROLL_KIND, EnrollmentService
@@ -129,7 +129,7 @@ class Hub:
         sync: SyncConfig,
         *,
         store_path: StoreLocation,
-        district_key: SigningKey,
+        district_key: DistrictKeySource,
         hub_id: str | None = None,
         clock: Callable[[], float] = time.time,
         alarm_checker: AlarmChecker | None = None,
@@ -383,7 +383,7 @@ class Hub:
             "seqs": seq_ranges(seqs),
             "district_time": self.clock(),
         }
-        payload = encode_message(ack, self._district_key)
+        payload = encode_message(ack, current_key(self._district_key))
         try:
             await self.connection.publish(Topics(uplink.site, uplink.device).acks, payload)
         except NotConnected as exc:
@@ -426,7 +426,7 @@ class Hub:
             "device": uplink.device,
             "district_time": self.clock(),
         }
-        payload = encode_message(body, self._district_key)
+        payload = encode_message(body, current_key(self._district_key))
         try:
             await self.connection.publish(Topics(uplink.site, uplink.device).acks, payload)
         except NotConnected as exc:

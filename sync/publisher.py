@@ -37,8 +37,9 @@ from nacl.signing import SigningKey
 
 from edgenode.cache import KEY_COLUMNS
 from edgenode.district import issuer_record
+from edgenode.district_keyring import DistrictKeyEntry, DistrictKeySource, current_key
 from edgenode.district_keys import active_issuer_keys
-from edgenode.snapshot import write_snapshot
+from edgenode.snapshot import DATASETS, KNOWN_DATASETS, write_snapshot
 from sync.delta import write_delta
 from sync.downlink import MAX_CHUNK_BYTES, MAX_CHUNKS, Kind, chunk_messages
 from sync.feed_backend import FeedBackend, PublishedState
@@ -85,9 +86,15 @@ def record_digest(record: Mapping[str, Any]) -> str:
 
 
 def site_records(
-    store: FeedBackend, site: str, issuers: Sequence[IssuerKey]
+    store: FeedBackend,
+    site: str,
+    issuers: Sequence[IssuerKey],
+    district_keys: Sequence[DistrictKeyEntry] = (),
 ) -> dict[str, dict[str, Any]]:
     """Build every record of a site's datasets, by ``record_key``.
+
+    ``district_keys`` are the district keys to announce (edgenode/district_keyring.py), none
+    before the district's first key rotation.
 
     Residents come from the site's roster, each with a binding of its health subject and the
     stored status of that subject, if any. Two residents with one health subject get one
@@ -104,6 +111,8 @@ def site_records(
                 issuer.key, list(issuer.code_types), issuer.valid_from, issuer.valid_until
             )
         )
+    for district_key in district_keys:
+        add(district_key.record())
     residents = store.residents(site)
     statuses = store.health([row.health_subject for row in residents])
     for row in residents:
@@ -154,8 +163,9 @@ class Publisher:
         store: FeedBackend,
         connection: Publishing,
         *,
-        district_key: SigningKey,
+        district_key: DistrictKeySource,
         issuers: Sequence[IssuerKey] | Callable[[int], Sequence[IssuerKey]],
+        district_keys: Callable[[int], Sequence[DistrictKeyEntry]] | None = None,
         valid_for_s: int = DEFAULT_VALID_FOR_S,
         chunk_size: int = MAX_CHUNK_BYTES,
         clock: Callable[[], float] = time.time,
@@ -164,7 +174,10 @@ class Publisher:
             raise ValueError(f"chunk_size must be 1 to {MAX_CHUNK_BYTES} bytes")
         self.store = store
         self.connection = connection
+        # A DistrictSigner returns, at each call, the key that the keyring selects for then.
         self.district_key = district_key
+        # Called with the build time, like a callable ``issuers``: the district keys to announce.
+        self._district_keys = district_keys
         # A callable is called with the build time at each build, so a long-running hub
         # publishes the keys of a rotation (read_issuer_keys) without a restart.
         self._issuers = issuers if callable(issuers) else list(issuers)
@@ -213,7 +226,7 @@ class Publisher:
     def _build_in_transaction(self, site: str, snapshot: bool) -> tuple[Transfer, int]:
         """Return the new version's transfer and its record count."""
         published = self.store.published_state(site)
-        records = site_records(self.store, site, self.issuers_at(int(self.clock())))
+        records = self._site_records(site)
         digests = {key: record_digest(record) for key, record in records.items()}
         if snapshot or published is None:
             version = 1 if published is None else published.version + 1
@@ -227,6 +240,11 @@ class Publisher:
             transfer = self._write(site, "delta", version, published.version, changes)
             self._commit_state(transfer, digests, changed=changed, removed=removed)
         return transfer, len(records)
+
+    def _site_records(self, site: str) -> dict[str, dict[str, Any]]:
+        now = int(self.clock())
+        announced = [] if self._district_keys is None else self._district_keys(now)
+        return site_records(self.store, site, self.issuers_at(now), announced)
 
     def issuers_at(self, now: int) -> list[IssuerKey]:
         """Return the issuer keys to publish at ``now``, leaving out keys whose validity ended."""
@@ -258,6 +276,14 @@ class Publisher:
         records: list[dict[str, Any]],
     ) -> Transfer:
         issued_at = int(self.clock())
+        signing_key = current_key(self.district_key)
+        # Gates that predate the district_keys dataset reject a header listing it, so it is
+        # listed only in files that carry its records, which start with the first rotation.
+        datasets = (
+            KNOWN_DATASETS
+            if any(record["dataset"] == "district_keys" for record in records)
+            else DATASETS
+        )
         with tempfile.TemporaryDirectory(prefix="edgenode-publish-") as folder:
             path = Path(folder) / kind
             if kind == "snapshot":
@@ -268,7 +294,8 @@ class Publisher:
                     version=version,
                     issued_at=issued_at,
                     valid_until=issued_at + self.valid_for_s,
-                    signing_key=self.district_key,
+                    signing_key=signing_key,
+                    datasets=datasets,
                 )
             else:
                 assert base_version is not None
@@ -280,7 +307,8 @@ class Publisher:
                     version=version,
                     issued_at=issued_at,
                     valid_until=issued_at + self.valid_for_s,
-                    signing_key=self.district_key,
+                    signing_key=signing_key,
+                    datasets=datasets,
                 )
             data = path.read_bytes()
         if -(-len(data) // self.chunk_size) > MAX_CHUNKS:
@@ -328,7 +356,7 @@ class Publisher:
             version=transfer.version,
             base_version=transfer.base_version,
             transfer_id=transfer.transfer_id,
-            signing_key=self.district_key,
+            signing_key=current_key(self.district_key),
             chunk_size=transfer.chunk_size,
             district_time=self.clock,
         )
@@ -436,7 +464,7 @@ class Publisher:
         stored = self.store.stored_snapshot(site, published.version)
         if stored is not None:
             return stored
-        records = site_records(self.store, site, self.issuers_at(int(self.clock())))
+        records = self._site_records(site)
         digests = {key: record_digest(record) for key, record in records.items()}
         changed, removed = self._changed_keys(site, digests)
         if changed or removed:
