@@ -515,7 +515,7 @@ def run_keys_command(argv: list[str], language: str) -> int:
 
 @pytest.mark.parametrize(
     ("language", "created", "state"),
-    [("zh_CN", "新的区级密钥", "已公布"), ("en", "New district key", "announced")],
+    [("zh_CN", "新的街道密钥", "已公布"), ("en", "New district key", "announced")],
 )
 def test_keys_rotate_district_command(
     tmp_path: Path,

@@ -551,7 +551,7 @@ def test_provision_times_out_without_hub(
         "2",
     )
     assert result.code == 1
-    assert "区级服务是否在运行" in result.err
+    assert "街道端服务是否在运行" in result.err
     assert files_under(tmp_path / "gate") == []
 
 
