@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import base64
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,12 @@ def _build_bundle(
         raise DistrictError(str(exc)) from exc
     if args.ca_file is not None and not tls:
         raise DistrictError(args.tr.gettext("--ca-file needs an mqtts:// broker address"))
+    if not tls:
+        warning = args.tr.gettext(
+            "Warning: {broker} has no TLS, so the gate's traffic and broker password cross the "
+            "network in clear text. Use mqtts:// outside tests."
+        )
+        print(warning.format(broker=args.broker), file=sys.stderr)
     broker = BrokerSettings(
         host=host,
         port=port,

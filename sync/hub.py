@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import socket
 import time
@@ -115,7 +116,13 @@ class _Uplink:
 
 
 def default_hub_id() -> str:
-    return socket.gethostname() or "hub"
+    """Return the host name as a hub id, with characters outside A-Z a-z 0-9 _ - made '-'.
+
+    A host name such as ``hub1.district.example`` would otherwise break the hub config's
+    ``hub_id`` pattern and the MQTT client id built from it.
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return name or "hub"
 
 
 class Hub:

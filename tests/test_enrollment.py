@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -44,6 +45,7 @@ from edgenode.journal import Journal
 from edgenode.policy import ClockReading, Outcome, decide
 from sync.connection import Connection
 from sync.enrollment import hash_token, new_token
+from sync.hub import default_hub_id
 from sync.hub_store import HubStore, TokenRejected
 from sync.identity import load_device_key
 from sync.uplink import Uplink
@@ -723,6 +725,45 @@ def test_enroll_rejects_invalid_gate_id(
     assert "id" in result.err
     assert not (tmp_path / "bundle.json").exists()
     assert not offline_district.store.exists()
+
+
+@pytest.mark.parametrize(
+    ("broker", "warned"), [("mqtt://127.0.0.1:1883", True), ("mqtts://h", False)]
+)
+def test_enroll_warns_about_broker_without_tls(
+    offline_district: District,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    broker: str,
+    warned: bool,
+) -> None:
+    out = tmp_path / "bundle.json"
+    result = run_cli(
+        capsys,
+        "--lang",
+        "en",
+        "district",
+        "enroll",
+        "--config",
+        str(offline_district.config),
+        "--site",
+        SITE,
+        "--gate",
+        "gate-01",
+        "--broker",
+        broker,
+        "--out",
+        str(out),
+    )
+
+    assert result.code == 0
+    assert ("has no TLS" in result.err) is warned
+    assert out.exists()
+
+
+def test_default_hub_id_fits_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "hub1.district.example")
+    assert default_hub_id() == "hub1-district-example"
 
 
 # --- the store's token checks ---
