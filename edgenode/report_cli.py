@@ -163,7 +163,12 @@ def _cmd_alarms(args: argparse.Namespace) -> int:
             print(json.dumps(alarm.message(), ensure_ascii=False))
         return 0
     if not alarms:
-        print(tr.gettext("No alarms in the last {hours} hours.").format(hours=f"{args.hours:g}"))
+        message = tr.gettext(
+            "The checks over the stored records found no alarm in the last {hours} hours. "
+            "Alarms raised at ingest (unknown or forged batches, rejected enrollments) are in "
+            "the hubs' logs and on the alarm topic."
+        )
+        print(message.format(hours=f"{args.hours:g}"))
         return 0
     for alarm in alarms:
         print(_describe_alarm(alarm, tr))

@@ -512,7 +512,8 @@ class Downlink:
         body = {"what": "snapshot", "have_version": have}
         if await self._send_request(body):
             self._snapshot_requested = (have, now)
-            log.warning("snapshot_requested", have_version=have)
+            # Info, not a warning: a new gate and a gate past a version gap both ask for one.
+            log.info("snapshot_requested", have_version=have)
 
     async def request_missing(self, *, stalled_only: bool = True) -> int:
         """Request the missing chunks of transfers in progress. Return how many were requested.
