@@ -458,9 +458,19 @@ def with_timeout(check: Callable[[], Finding], timeout_s: float) -> Finding:
     return outcome[0]
 
 
+def check_no_sources() -> Finding:
+    """Fail a config without ``[[sources]]``, which ``edgenode run`` refuses to start with."""
+    return failed(
+        N_("No [[sources]] in the config: the daemon has nothing to read codes from"),
+        N_("Add a [[sources]] table for each camera or scanner (see the example config)."),
+    )
+
+
 def _source_checks(
     sources: list[SourceConfig], options: DoctorOptions
 ) -> Iterator[tuple[str, str, float, Callable[[], Finding]]]:
+    if not sources:
+        yield ("sources", N_("Cameras and scanners are configured"), 1.0, check_no_sources)
     for source in sources:
         if isinstance(source, CameraSourceConfig | VideoSourceConfig):
             yield (

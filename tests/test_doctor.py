@@ -115,6 +115,12 @@ def test_invalid_config_stops_the_checklist(tmp_path: Path) -> None:
     assert exit_code(results) == EXIT_USAGE
 
 
+def test_config_without_sources_fails(tmp_path: Path) -> None:
+    results = {result.check: result for result in run_checks(write_config(tmp_path, ""))}
+    assert results["sources"].finding.status is Status.FAILED
+    assert "[[sources]]" in results["sources"].finding.fix
+
+
 # --- keys ---
 
 
