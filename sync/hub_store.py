@@ -313,14 +313,14 @@ class HubStore:
             "WHERE site = ? AND device_id = ?",
             (site, device_id),
         ).fetchone()
-        return None if row is None else _device(row)
+        return None if row is None else device_from_row(row)
 
     def list_devices(self) -> list[Device]:
         rows = self._db.execute(
             "SELECT id, site, device_id, public_key, enabled, registered_at FROM devices "
             "ORDER BY site, device_id"
         ).fetchall()
-        return [_device(row) for row in rows]
+        return [device_from_row(row) for row in rows]
 
     def set_enabled(self, site: str, device_id: str, enabled: bool) -> None:
         """Enable or disable a gate. Raises HubStoreError if it is not registered."""
@@ -379,7 +379,7 @@ class HubStore:
         device, records, batch_id = batch.device, batch.records, batch.batch_id
         received_at = time.time() if batch.received_at is None else batch.received_at
         rows = [
-            _record_row(device.id, record, batch.lane, batch_id, received_at) for record in records
+            record_row(device.id, record, batch.lane, batch_id, received_at) for record in records
         ]
         rejected_rows = [
             (device.id, item.seq, item.reason, item.body, batch_id, received_at)
@@ -537,7 +537,9 @@ def _chain_breaks(
     return tuple(sorted(breaks))
 
 
-def _device(row: tuple[Any, ...]) -> Device:
+def device_from_row(row: tuple[Any, ...]) -> Device:
+    """Build a Device from the columns ``id, site, device_id, public_key, enabled,
+    registered_at``, as both store backends select them."""
     return Device(
         id=int(row[0]),
         site=str(row[1]),
@@ -548,9 +550,10 @@ def _device(row: tuple[Any, ...]) -> Device:
     )
 
 
-def _record_row(
+def record_row(
     device_pk: int, record: WireRecord, lane: str, batch_id: str, received_at: float
 ) -> tuple[Any, ...]:
+    """Return the values of one ``records`` row, in the column order of both backends."""
     return (
         device_pk,
         record.seq,
@@ -563,7 +566,7 @@ def _record_row(
         record.health_subject,
         record.community_subject,
         record.latency_ms,
-        int(record.clock_trusted),
+        record.clock_trusted,
         record.prev_hash,
         record.hash,
         lane,

@@ -14,7 +14,6 @@ kept out of the URL, in libpq's password file (``~/.pgpass`` or the ``passfile``
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -35,8 +34,17 @@ from sync.hub_store import (
     TokenRejected,
     WireRecord,
     batch_result,
+    device_from_row,
+    record_row,
 )
-from sync.report import _RECORD_COLUMNS, StoredRecord, _stored_record
+from sync.report import (
+    LAST_RECEIVED_QUERY,
+    RECORD_COLUMNS,
+    StoredRecord,
+    last_received_rows,
+    record_filter,
+    stored_record,
+)
 from sync.store_backend import StoreUnavailable, redact_url
 
 log = structlog.get_logger("sync.hub_store_pg")
@@ -245,7 +253,7 @@ class PostgresHubStore:
             raise HubStoreError(f"device {device_id} at site {site} is already registered") from exc
         if row is None:
             raise HubStoreError(f"device {device_id} at site {site} was not stored")
-        return _device(row)
+        return device_from_row(row)
 
     def get_device(self, site: str, device_id: str) -> Device | None:
         return self._run(lambda db: _get_device(db, site, device_id))
@@ -256,7 +264,7 @@ class PostgresHubStore:
                 f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY site, device_id"
             ).fetchall()
         )
-        return [_device(row) for row in rows]
+        return [device_from_row(row) for row in rows]
 
     def set_enabled(self, site: str, device_id: str, enabled: bool) -> None:
         """Enable or disable a gate. Raises HubStoreError if it is not registered."""
@@ -446,7 +454,7 @@ def _redeem(
     ).fetchone()
     if inserted is None:
         raise HubStoreError(f"device {device_id} at site {site} was not stored")
-    return _device(inserted)
+    return device_from_row(inserted)
 
 
 def _get_device(
@@ -456,14 +464,14 @@ def _get_device(
         f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE site = %s AND device_id = %s",
         (site, device_id),
     ).fetchone()
-    return None if row is None else _device(row)
+    return None if row is None else device_from_row(row)
 
 
 def _insert(db: psycopg.Connection[tuple[Any, ...]], batch: BatchInsert) -> BatchResult:
     """Insert one batch inside the caller's transaction."""
     device, records, batch_id = batch.device, batch.records, batch.batch_id
     received_at = time.time() if batch.received_at is None else batch.received_at
-    rows = [_record_row(device.id, record, batch.lane, batch_id, received_at) for record in records]
+    rows = [record_row(device.id, record, batch.lane, batch_id, received_at) for record in records]
     rejected_rows = [
         (device.id, item.seq, item.reason, item.body, batch_id, received_at)
         for item in batch.invalid
@@ -494,44 +502,6 @@ def _stored_hashes(
         (device.id, seqs[0] - 1, seqs[-1] + 1),
     ).fetchall()
     return {int(seq): (str(prev), str(hash_)) for seq, prev, hash_ in rows}
-
-
-def _device(row: tuple[Any, ...]) -> Device:
-    return Device(
-        id=int(row[0]),
-        site=str(row[1]),
-        device_id=str(row[2]),
-        public_key=bytes(row[3]),
-        enabled=bool(row[4]),
-        registered_at=float(row[5]),
-    )
-
-
-def _record_row(
-    device_pk: int, record: WireRecord, lane: str, batch_id: str, received_at: float
-) -> tuple[Any, ...]:
-    return (
-        device_pk,
-        record.seq,
-        record.kind,
-        record.recorded_at,
-        record.age_s,
-        record.station,
-        record.verdict,
-        json.dumps(record.reasons),
-        record.health_subject,
-        record.community_subject,
-        record.latency_ms,
-        record.clock_trusted,
-        record.prev_hash,
-        record.hash,
-        lane,
-        batch_id,
-        received_at,
-        record.method,
-        record.verdict_seq,
-        record.guard_id,
-    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -570,32 +540,20 @@ class PostgresStoreReader:
         device: str | None = None,
     ) -> list[StoredRecord]:
         """Return verdict records with ``start <= time_column < end``, in time order."""
-        if time_column not in ("recorded_at", "received_at"):
-            raise ValueError(f"invalid time column {time_column!r}")
-        clauses = ["r.kind = 'verdict'"]
-        params: list[Any] = []
-        for clause, value in (
-            (f"r.{time_column} >= %s", start),
-            (f"r.{time_column} < %s", end),
-            ("d.site = %s", site),
-            ("d.device_id = %s", device),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
+        where, params = record_filter(time_column, start, end, site, device, mark="%s")
         query = (
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
-            f"WHERE {' AND '.join(clauses)} ORDER BY r.{time_column}, d.site, d.device_id, r.seq"
+            f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            f"WHERE {where} ORDER BY r.{time_column}, d.site, d.device_id, r.seq"
         )
         rows = self._session.run(lambda db: db.execute(query.encode(), params).fetchall())
-        return [_stored_record(row) for row in rows]
+        return [stored_record(row) for row in rows]
 
     def admits_of(
         self, site: str, community_subject: str, start: float, end: float
     ) -> list[StoredRecord]:
         """Return the site's admits of one community subject recorded in ``[start, end]``."""
         query = (
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
             "WHERE d.site = %s AND r.community_subject = %s AND r.verdict = 'admit' "
             "AND r.kind = 'verdict' AND r.recorded_at BETWEEN %s AND %s "
             "ORDER BY r.recorded_at, d.device_id, r.seq"
@@ -603,14 +561,14 @@ class PostgresStoreReader:
         rows = self._session.run(
             lambda db: db.execute(query.encode(), (site, community_subject, start, end)).fetchall()
         )
-        return [_stored_record(row) for row in rows]
+        return [stored_record(row) for row in rows]
 
     def admits_of_subjects(
         self, site: str, subjects: Sequence[str], start: float, end: float
     ) -> list[StoredRecord]:
         """Return the site's admits of any of ``subjects`` recorded in ``[start, end]``."""
         query = (
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
             "WHERE d.site = %s AND r.community_subject = ANY(%s) AND r.verdict = 'admit' "
             "AND r.kind = 'verdict' AND r.recorded_at BETWEEN %s AND %s "
             "ORDER BY r.recorded_at, d.device_id, r.seq"
@@ -618,22 +576,9 @@ class PostgresStoreReader:
         rows = self._session.run(
             lambda db: db.execute(query.encode(), (site, list(subjects), start, end)).fetchall()
         )
-        return [_stored_record(row) for row in rows]
+        return [stored_record(row) for row in rows]
 
     def last_received(self) -> list[tuple[str, str, bool, float, float | None]]:
         """Return (site, device, enabled, registered_at, last received_at or None) per gate."""
-        rows = self._session.run(
-            lambda db: db.execute(
-                "SELECT d.site, d.device_id, d.enabled, d.registered_at, MAX(r.received_at) "
-                "FROM devices d LEFT JOIN records r ON r.device = d.id "
-                "GROUP BY d.id ORDER BY d.site, d.device_id"
-            ).fetchall()
-        )
-        return [
-            (str(site), str(device), bool(enabled), float(registered), _optional_float(last))
-            for site, device, enabled, registered, last in rows
-        ]
-
-
-def _optional_float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
+        rows = self._session.run(lambda db: db.execute(LAST_RECEIVED_QUERY).fetchall())
+        return last_received_rows(rows)

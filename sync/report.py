@@ -62,7 +62,7 @@ class StoredRecord:
     station: str
 
 
-_RECORD_COLUMNS = (
+RECORD_COLUMNS = (
     "d.site, d.device_id, r.seq, r.verdict, r.reasons, r.health_subject, "
     "r.community_subject, r.recorded_at, r.received_at, r.station"
 )
@@ -94,41 +94,26 @@ class StoreReader:
         device: str | None = None,
     ) -> list[StoredRecord]:
         """Return verdict records with ``start <= time_column < end``, in time order."""
-        if time_column not in ("recorded_at", "received_at"):
-            raise ValueError(f"invalid time column {time_column!r}")
-        clauses = ["r.kind = 'verdict'"]
-        params: list[Any] = []
-        if start is not None:
-            clauses.append(f"r.{time_column} >= ?")
-            params.append(start)
-        if end is not None:
-            clauses.append(f"r.{time_column} < ?")
-            params.append(end)
-        if site is not None:
-            clauses.append("d.site = ?")
-            params.append(site)
-        if device is not None:
-            clauses.append("d.device_id = ?")
-            params.append(device)
+        where, params = record_filter(time_column, start, end, site, device, mark="?")
         rows = self._db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
-            f"WHERE {' AND '.join(clauses)} ORDER BY r.{time_column}, d.site, d.device_id, r.seq",
+            f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            f"WHERE {where} ORDER BY r.{time_column}, d.site, d.device_id, r.seq",
             params,
         ).fetchall()
-        return [_stored_record(row) for row in rows]
+        return [stored_record(row) for row in rows]
 
     def admits_of(
         self, site: str, community_subject: str, start: float, end: float
     ) -> list[StoredRecord]:
         """Return the site's admits of one community subject recorded in ``[start, end]``."""
         rows = self._db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+            f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
             "WHERE d.site = ? AND r.community_subject = ? AND r.verdict = 'admit' "
             "AND r.kind = 'verdict' AND r.recorded_at BETWEEN ? AND ? "
             "ORDER BY r.recorded_at, d.device_id, r.seq",
             (site, community_subject, start, end),
         ).fetchall()
-        return [_stored_record(row) for row in rows]
+        return [stored_record(row) for row in rows]
 
     def admits_of_subjects(
         self, site: str, subjects: Sequence[str], start: float, end: float
@@ -139,33 +124,70 @@ class StoreReader:
             chunk = list(subjects[first : first + MAX_QUERY_SUBJECTS])
             marks = ", ".join("?" for _ in chunk)
             rows = self._db.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
+                f"SELECT {RECORD_COLUMNS} FROM records r JOIN devices d ON d.id = r.device "
                 f"WHERE d.site = ? AND r.community_subject IN ({marks}) "
                 "AND r.verdict = 'admit' AND r.kind = 'verdict' "
                 "AND r.recorded_at BETWEEN ? AND ? ORDER BY r.recorded_at, d.device_id, r.seq",
                 (site, *chunk, start, end),
             ).fetchall()
-            found += [_stored_record(row) for row in rows]
+            found += [stored_record(row) for row in rows]
         return found
 
     def last_received(self) -> list[tuple[str, str, bool, float, float | None]]:
         """Return (site, device, enabled, registered_at, last received_at or None) per gate."""
-        rows = self._db.execute(
-            "SELECT d.site, d.device_id, d.enabled, d.registered_at, MAX(r.received_at) "
-            "FROM devices d LEFT JOIN records r ON r.device = d.id "
-            "GROUP BY d.id ORDER BY d.site, d.device_id"
-        ).fetchall()
-        return [
-            (str(site), str(device), bool(enabled), float(registered), _optional_float(last))
-            for site, device, enabled, registered, last in rows
-        ]
+        return last_received_rows(self._db.execute(LAST_RECEIVED_QUERY).fetchall())
+
+
+# Each gate of the registry with the time its last record arrived, for the silent-gate check.
+LAST_RECEIVED_QUERY = (
+    "SELECT d.site, d.device_id, d.enabled, d.registered_at, MAX(r.received_at) "
+    "FROM devices d LEFT JOIN records r ON r.device = d.id "
+    "GROUP BY d.id ORDER BY d.site, d.device_id"
+)
+
+
+def record_filter(
+    time_column: str,
+    start: float | None,
+    end: float | None,
+    site: str | None,
+    device: str | None,
+    *,
+    mark: str,
+) -> tuple[str, list[Any]]:
+    """Return the WHERE clause and its parameters for ``records``, with ``mark`` as the
+    driver's placeholder (``?`` for sqlite3, ``%s`` for psycopg)."""
+    if time_column not in ("recorded_at", "received_at"):
+        raise ValueError(f"invalid time column {time_column!r}")
+    clauses = ["r.kind = 'verdict'"]
+    params: list[Any] = []
+    for clause, value in (
+        (f"r.{time_column} >= {mark}", start),
+        (f"r.{time_column} < {mark}", end),
+        (f"d.site = {mark}", site),
+        (f"d.device_id = {mark}", device),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return " AND ".join(clauses), params
+
+
+def last_received_rows(
+    rows: Sequence[Sequence[Any]],
+) -> list[tuple[str, str, bool, float, float | None]]:
+    """Convert the rows of ``LAST_RECEIVED_QUERY`` from either driver."""
+    return [
+        (str(site), str(device), bool(enabled), float(registered), _optional_float(last))
+        for site, device, enabled, registered, last in rows
+    ]
 
 
 def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
 
 
-def _stored_record(row: tuple[Any, ...]) -> StoredRecord:
+def stored_record(row: tuple[Any, ...]) -> StoredRecord:
     return StoredRecord(
         site=str(row[0]),
         device=str(row[1]),
