@@ -10,7 +10,7 @@ health status each into a fresh feed store, then times, for one site:
 
 Each phase runs ``--repeat`` times on fresh copies of the same store and the median is
 reported. The chunks go to the broker at QoS 1 with no gate subscribed, so the figures leave
-out the gates' downloads; the wire bytes are reported beside them.
+out the gates' downloads. The size of the signed file is reported beside them.
 
 Run from the repository root: .venv/bin/python benchmarks/bench_publish.py [--output FILE]
 """

@@ -1,10 +1,13 @@
 """``edgenode decommission``: retire a gate so that it keeps no personal data.
 
-In order: check that ``edgenode run`` is stopped, deliver the journal's backlog to the
-district (or discard it with ``--force``), ask the district to disable the device with a
-message signed by the device key and wait for its signed confirmation, then overwrite and
-delete the state folder (cache, journal, keys, backups, files moved aside), the config file
-and the broker secrets it names, and check that none of them remains.
+The steps, in order:
+
+1. Check that ``edgenode run`` is stopped.
+2. Deliver the journal's backlog to the district, or discard it with ``--force``.
+3. Ask the district to disable the device, in a message signed by the device key, and wait
+   for its signed confirmation.
+4. Overwrite and delete the state folder (cache, journal, keys, backups, files moved aside),
+   the config file and the broker secrets it names, then check that none of them remains.
 
 NOTE: zeroing a file before deleting it does not reach every copy on flash storage: an SD
 card's wear levelling can keep old blocks. A card that held personal data is retired by

@@ -190,7 +190,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:
         raise DistrictError(str(exc)) from exc
     with feeds:
-        # The hub answers gates' chunk and snapshot requests and raises alarms over its own
+        # The hub serves gates' chunk and snapshot requests and raises alarms over its own
         # connection, so each request and each batch is handled by one hub of the group.
         if issuers is not None:
             hub.publisher = Publisher(

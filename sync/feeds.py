@@ -151,8 +151,8 @@ MIGRATIONS: tuple[str, ...] = (
 class RowError:
     """A rejected feed row: its line in the file, a stable reason code and a message.
 
-    ``row`` is the row's number among the data rows, from 1. It tells the rows of a JSON
-    array written on one line apart, where every row has line 1.
+    ``row`` is the row's number among the data rows, from 1. It distinguishes the rows of a
+    JSON array written on one line, where every row has line 1.
     """
 
     line: int

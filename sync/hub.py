@@ -276,7 +276,7 @@ class Hub:
 
     def _serve_request(self, publisher: Publisher, uplink: _Uplink, body: dict[str, Any]) -> None:
         """Serve a gate's request in its own task, so a long snapshot send does not hold up
-        the batches behind it. The gate asks again if the answer never comes."""
+        the batches behind it. The gate requests again if no chunk arrives."""
         if len(self._requests) >= MAX_PENDING_REQUESTS:
             self.requests_skipped += 1
             log.warning(
@@ -368,7 +368,7 @@ class Hub:
             **_ids(uplink),
         )
         # Invalid records with a seq are kept in rejected_records and acked with the rest,
-        # so the gate stops sending them; the bad_record alarm tells district staff.
+        # so the gate stops sending them. The bad_record alarm informs district staff.
         acked = [record.seq for record in records]
         acked += [item.seq for item in batch.invalid if item.seq is not None]
         if acked:
@@ -423,7 +423,7 @@ class Hub:
         """
         try:
             await self._in_store(self._require_store().disable_device, uplink.site, uplink.device)
-        except Exception as exc:  # sqlite3.Error, psycopg.Error: the gate asks again.
+        except Exception as exc:  # sqlite3.Error, psycopg.Error: the gate retries.
             log.error("decommission_failed", error=repr(exc), **_ids(uplink))
             return
         log.warning("device_decommissioned", **_ids(uplink))

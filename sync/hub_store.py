@@ -78,7 +78,8 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
     # One-time enrollment tokens (sync/enrollment.py), stored only as their SHA-256. A used
-    # token keeps the public key it registered, so that key may ask again for its answer.
+    # token keeps the public key it registered, so a repeated request from that key gets the
+    # same result.
     """
     CREATE TABLE enrollment_tokens (
         token_hash BLOB PRIMARY KEY,
@@ -200,7 +201,7 @@ def _invalid_record(item: object, exc: ValidationError) -> InvalidRecord:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """What ``insert_batch`` did with a batch.
+    """The outcome of ``insert_batch`` for one batch.
 
     ``conflicts`` are seqs already stored with a different hash: the stored copy is kept.
     ``chain_breaks`` are new records whose ``prev_hash`` is not the hash of the gate's
@@ -352,7 +353,7 @@ class HubStore:
         """Store a batch in one transaction, with its invalid records kept apart.
 
         A record whose (device, seq) is already stored is left as it is, whatever the new
-        copy contains; a copy with another hash is reported in ``conflicts``. Invalid records
+        copy contains. A copy with another hash is reported in ``conflicts``. Invalid records
         without a seq are not stored.
         """
         batch = BatchInsert(device, tuple(records), lane, batch_id, tuple(invalid), received_at)

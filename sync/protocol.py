@@ -72,7 +72,7 @@ class Topics:
 
     @property
     def enroll_results(self) -> str:
-        """District to gate: the signed answer to an enroll request."""
+        """District to gate: the signed result of an enroll request."""
         return f"{self._device_root}/down/enroll"
 
     @property
